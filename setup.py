@@ -92,10 +92,18 @@ class BuildPy(build_py):
             print(f"steerfast: {NO_CUDA_REASON}; installing without steerfast._C "
                   "(CUDA kernels disabled, Triton/torch backends still work)", file=sys.stderr)
         super().run()
+        # kernels/ has no __init__.py (see below); an installed steerfast.kernels is a regular package
+        init = Path(self.build_lib) / "steerfast" / "kernels" / "__init__.py"
+        if init.parent.is_dir() and not init.exists():
+            init.write_text(KERNELS_INIT)
 
 
 # The Triton kernels live in the top-level kernels/ folder and install as steerfast.kernels;
-# a top-level `kernels` module must never be installed (that name is another PyPI package's).
+# a top-level `kernels` module must never be installed (that name is Hugging Face's package, which
+# transformers imports). kernels/ has no __init__.py, so from the repo root (where `python -m pytest`
+# puts it on sys.path) it is at most a namespace portion and an installed `kernels` still wins;
+# the wheel gets the __init__.py below, an editable install is pointed at the folder by steerfast/__init__.py.
+KERNELS_INIT = '"""Triton kernels. Each module holds `_<op>_kernel` and its launcher."""\n'
 packages = ["steerfast", *(f"steerfast.{p}" for p in find_packages("steerfast"))]
 packages += ["steerfast.kernels", *(f"steerfast.kernels.{p}" for p in find_packages("kernels"))]
 
@@ -122,7 +130,8 @@ setup(
     ],
     # the build tests make a wheel without build isolation: they need the build requirements at hand
     extras_require={"test": ["pytest", "pytest-benchmark", "setuptools>=64", "wheel", "pybind11>=2.12", "pyarrow",
-                             "matplotlib"],
+                             "matplotlib",
+                             "kernels"],  # Hugging Face's: proves kernels/ cannot shadow it from the repo root
                     "flash": ["flash-attn"],
                     "eval": ["pyarrow"],  # parquet problem files
                     "research": ["matplotlib"]},  # the emission-sweep plot

@@ -3,7 +3,28 @@ from __future__ import annotations
 
 import torch
 
-from . import errors
+
+def _map_source_kernels():
+    """In a source checkout (editable install) steerfast.kernels is the top-level kernels/ folder,
+    which has no __init__.py so that it never hides Hugging Face's `kernels` (setup.py); a wheel
+    carries it as a regular subpackage and this finds it there and does nothing."""
+    import importlib.machinery
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec(f"{__name__}.kernels") is not None:
+        return
+    src = Path(__file__).resolve().parent.parent / "kernels"
+    if src.is_dir():
+        spec = importlib.machinery.ModuleSpec(f"{__name__}.kernels", None, is_package=True)
+        spec.submodule_search_locations = [str(src)]
+        sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+
+
+_map_source_kernels()
+
+from . import errors  # noqa: E402
 from .config import ModelArgs
 from .engine import Model
 from .hybrid import Hybrid, HybridResult

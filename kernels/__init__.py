@@ -1,1 +1,0 @@
-"""Triton kernels, installed as `steerfast.kernels`. Each module holds `_<op>_kernel` and its launcher."""
