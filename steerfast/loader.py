@@ -115,8 +115,14 @@ def load_dir(path: str | Path, device, dtype) -> Transformer:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: does not exist (expected a local Hugging Face model directory; "
+                              "nothing is downloaded, so a hub id must be a downloaded directory's path)")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: is a file, not a directory (expected a local Hugging Face model directory "
+                              "holding config.json + safetensors)")
     if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: no config.json (expected a local Hugging Face model directory)")
+        raise CheckpointError(f"{path}: exists but has no config.json (expected a local Hugging Face model directory)")
     try:
         cfg = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as e:

@@ -84,8 +84,17 @@ class TopKSAE:
         return self.preprocess(x.reshape(-1, self.d).to(self.W_enc.dtype)).contiguous()
 
     def encode(self, x: torch.Tensor, backend: str | None = None) -> EncodeOutput:
-        """x [..., d] -> (values [B, k] fp32 descending, indices [B, k] int64), B = rows of x."""
-        return ops.topk_sae_encode(self._rows(x), self.W_enc, self.b_enc, self._b_in, self.k, self.relu, backend)
+        """x [..., d] -> (values [B, k] fp32 descending, indices [B, k] int64), B = rows of x.
+
+        NaN / Inf in x raise NonFiniteError (top-k of NaN is meaningless). The check syncs with the
+        device, so it lives here, in the user's entry point, and not in `controller` or the ops the
+        hybrid's graphed decode step calls."""
+        rows = self._rows(x)
+        if not torch.isfinite(rows).all():
+            bad = (~torch.isfinite(rows)).any(-1).nonzero()[:, 0]
+            raise NonFiniteError(f"SAE input holds NaN or Inf (in {len(bad)} of {rows.shape[0]} rows, first row "
+                                 f"{int(bad[0])})")
+        return ops.topk_sae_encode(rows, self.W_enc, self.b_enc, self._b_in, self.k, self.relu, backend)
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Reconstruction of the preprocessed input: sum_j values[:, j] W_dec[indices[:, j]] + b_dec."""

@@ -104,10 +104,19 @@ def test_shape_disagrees_with_config(saved):
 
 
 def test_not_a_model_directory(tmp_path):
-    with pytest.raises(errors.CheckpointError, match="config.json"):
+    with pytest.raises(errors.CheckpointError, match="exists but has no config.json"):
         sf.load_model(tmp_path, device="cpu")
-    with pytest.raises(errors.CheckpointError, match="config.json"):
-        sf.load_model(tmp_path / "Qwen/Qwen2.5-1.5B", device="cpu")  # a hub id is never downloaded
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(errors.CheckpointError, match="is a file, not a directory"):
+        sf.load_model(tmp_path / "weights.safetensors", device="cpu")
+
+
+def test_a_path_that_does_not_exist_is_named_as_such(tmp_path):
+    hub_id = tmp_path / "Qwen/Qwen2.5-1.5B"  # a hub id is never downloaded
+    with pytest.raises(errors.CheckpointError) as info:
+        sf.load_model(hub_id, device="cpu")
+    assert str(hub_id) in str(info.value) and "does not exist" in str(info.value)
+    assert "config.json" not in str(info.value)
 
 
 @pytest.mark.gpu

@@ -144,3 +144,19 @@ def test_bad_saes_raise_named_errors(tmp_path):
         sf.TopKSAE.load(f)
     with pytest.raises(errors.CheckpointError, match="not a TopKSAE"):
         sf.TopKSAE.load(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])
+def test_encode_refuses_non_finite_input(poison):
+    w = _weights()
+    sae = sf.TopKSAE(**w, k=5)
+    x = torch.randn(6, 24, dtype=torch.float64)
+    row = int(torch.randint(0, 6, ()))
+    x[row, int(torch.randint(0, 24, ()))] = poison
+    with pytest.raises(errors.NonFiniteError, match=f"first row {row}"):
+        sae.encode(x)
+    x[row] = torch.randn(24, dtype=torch.float64)  # the same SAE goes on working
+    vals, idx = sae.encode(x)
+    ref = _ref_topk(x, w, 5, relu=False)
+    torch.testing.assert_close(vals.double(), ref.values, rtol=1e-5, atol=1e-5)
+    assert torch.equal(idx, ref.indices)
