@@ -28,11 +28,12 @@ from . import errors  # noqa: E402
 from .config import ModelArgs
 from .engine import Model
 from .hybrid import Hybrid, HybridResult
+from .paper_configs import hybrid_config
 from .sae import TopKSAE
 from .steering import Steering
 
 __version__ = "0.1.0"
-__all__ = ["load_model", "Model", "Hybrid", "HybridResult", "ModelArgs", "Steering", "TopKSAE", "errors"]
+__all__ = ["load_model", "Model", "Hybrid", "HybridResult", "ModelArgs", "Steering", "TopKSAE", "errors", "hybrid_config"]
 
 
 def load_model(path_or_hf_model, device=None, dtype=torch.bfloat16, max_seq_len: int | None = None,
