@@ -3,7 +3,8 @@
 
 Training follows the paper's code: inputs centred by their mean and L2-normalised (both kept in
 the SAE, so `sf.TopKSAE.encode` does the same to a new activation), no ReLU, zero encoder bias,
-W_dec initialised from W_enc, decoder rows renormalised to unit norm after every step, Adam;
+decoder rows seeded by k-means++ centroids (see `train_topk_sae`) and
+W_enc = W_dec^T, decoder rows renormalised to unit norm after every step, Adam;
 loss = ||x_hat - x||^2 / ||x - mean(x)||^2 over the batch (fraction of variance unexplained);
 early stopping on a held-out split.
 
@@ -25,6 +26,47 @@ JUDGE_METRICS = ("completeness", "independence", "consistency")
 Judge = Callable[[str, list[dict]], float]
 
 
+def _sq_dist(x: torch.Tensor, x2: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Squared distances [N, n] from rows of x (squared norms x2 [N, 1]) to rows of c, by matmul."""
+    return (x2 - 2 * x @ c.T + (c * c).sum(1)).clamp(min=0)
+
+
+@torch.no_grad()
+def kmeans_centroids(x: torch.Tensor, n: int, g: torch.Generator, restarts: int = 4,
+                     max_iter: int = 100) -> torch.Tensor:
+    """Centroids [n, d] of Lloyd's k-means on rows of x, seeded by k-means++; the run of lowest
+    inertia (summed squared distance to the nearest centroid) among `restarts` seedings."""
+    N = x.shape[0]
+    x2 = (x * x).sum(1, keepdim=True)
+    best, best_inertia = None, float("inf")
+    for _ in range(max(1, restarts)):
+        c = x[torch.randint(N, (1,), generator=g).to(x.device)]
+        d2 = _sq_dist(x, x2, c)[:, 0]
+        for _ in range(1, n):  # k-means++: the next seed with probability proportional to d^2
+            w = d2.cpu().double()
+            pick = torch.multinomial(w, 1, generator=g) if w.sum() > 0 else torch.randint(N, (1,), generator=g)
+            c = torch.cat([c, x[pick.to(x.device)]])
+            d2 = torch.minimum(d2, _sq_dist(x, x2, c[-1:])[:, 0])
+        assign = None
+        for _ in range(max_iter):
+            dist = _sq_dist(x, x2, c)
+            new = dist.argmin(1)
+            if assign is not None and torch.equal(new, assign):
+                break
+            assign = new
+            onehot = torch.nn.functional.one_hot(assign, n).to(x.dtype)
+            counts = onehot.sum(0)
+            c = (onehot.T @ x) / counts.clamp(min=1)[:, None]
+            empty = (counts == 0).nonzero()[:, 0]
+            if len(empty):  # an empty cluster restarts at the worst-served rows
+                far = dist.gather(1, assign[:, None])[:, 0].topk(len(empty)).indices
+                c[empty] = x[far]
+        inertia = float(_sq_dist(x, x2, c).min(1).values.sum())
+        if inertia < best_inertia:
+            best, best_inertia = c.clone(), inertia
+    return best
+
+
 def _forward(x, W_enc, b_enc, W_dec, b_dec, k):
     z = (x - b_dec) @ W_enc + b_enc
     vals, idx = z.topk(k, dim=-1)
@@ -37,9 +79,12 @@ def _fvu(x, x_hat):
 
 def train_topk_sae(x: torch.Tensor, n_latents: int, k: int = 3, *, lr: float | None = None, epochs: int = 300,
                    batch_size: int = 512, patience: int = 10, val_frac: float = 0.1, center: bool = True,
-                   normalize: bool = True, seed: int = 0, progress: bool = False) -> TopKSAE:
+                   normalize: bool = True, seed: int = 0, kmeans_restarts: int = 4,
+                   progress: bool = False) -> TopKSAE:
     """Train a Top-K SAE on rows of x [N, d]; returns a float32 `TopKSAE` (mean / normalize set)
-    whose metadata holds the held-out fvu and the epochs run."""
+    whose metadata holds the held-out fvu and the epochs run. The decoder rows start at the
+    L2-normalised k-means++ centroids of the preprocessed rows (best of `kmeans_restarts` runs by
+    inertia), the encoder at their transpose."""
     from tqdm.auto import tqdm
 
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] < 2:
@@ -58,10 +103,13 @@ def train_topk_sae(x: torch.Tensor, n_latents: int, k: int = 3, *, lr: float | N
     sae_in = TopKSAE(torch.zeros(d, n_latents), torch.zeros(n_latents), torch.zeros(n_latents, d), torch.zeros(d), k,
                      mean=None if mean is None else mean.cpu(), normalize=normalize).to(x.device)
     xp = sae_in.preprocess(x)  # what the encoder sees; the SAE reconstructs this
-    bound = 1 / math.sqrt(d)  # nn.Linear's default init, as the paper's code has it
-    W_enc = ((torch.rand(d, n_latents, generator=g) * 2 - 1) * bound).to(x.device).requires_grad_(True)
+    # With as many latents as clusters and k > 1 many codes reconstruct equally well, and a random
+    # init decides which one training finds (often one latent spanning two clusters). Seeding the
+    # latents with k-means centroids of the encoder's input puts one latent on each cluster.
+    W_dec = kmeans_centroids(xp[train_idx], n_latents, g, restarts=kmeans_restarts)
+    W_dec = (W_dec / W_dec.norm(dim=1, keepdim=True).clamp(min=1e-8)).requires_grad_(True)
+    W_enc = W_dec.detach().T.clone().requires_grad_(True)
     b_enc = torch.zeros(n_latents, device=x.device, requires_grad=True)
-    W_dec = (W_enc.detach().T / W_enc.detach().T.norm(dim=1, keepdim=True)).clone().requires_grad_(True)
     b_dec = torch.zeros(d, device=x.device, requires_grad=True)
     params = [W_enc, b_enc, W_dec, b_dec]
     # the paper's learning rate: TinySAE's 1/sqrt(n_latents) scaling law
