@@ -92,15 +92,18 @@ def _check_and_map(a: ModelArgs, model: Transformer, shapes: dict[str, tuple[tup
     return plan
 
 
-def _load_into(model: Transformer, plan, tensors: Iterator[tuple[str, torch.Tensor]]):
+def _load_into(model: Transformer, plan, tensors: Iterator[tuple[str, torch.Tensor]], desc: str):
+    from .progress import bar
+
     params = dict(model.named_parameters())
-    with torch.no_grad():
+    with torch.no_grad(), bar(total=len(plan), desc=desc, unit="tensor") as shown:
         for name, t in tensors:
             if name not in plan:
                 continue
             ours, off = plan[name]
             p = params[ours]
             p[off:off + t.shape[0]].copy_(t, non_blocking=False)
+            shown.update(1)
 
 
 def _build(a: ModelArgs, device, dtype) -> Transformer:
@@ -158,7 +161,7 @@ def load_dir(path: str | Path, device, dtype) -> Transformer:
                     if k in plan:
                         yield k, fh.get_tensor(k)
     try:
-        _load_into(model, plan, stream())
+        _load_into(model, plan, stream(), desc=f"loading {path.name}")
     except SafetensorError as e:
         raise CheckpointError(f"{path}: failed reading tensor data ({e})") from None
     return model
@@ -170,5 +173,5 @@ def load_hf_model(hf_model, device, dtype) -> Transformer:
     state = hf_model.state_dict()
     model = _build(a, device, dtype)
     plan = _check_and_map(a, model, {k: (tuple(v.shape), v.dtype) for k, v in state.items()}, lambda n: "model")
-    _load_into(model, plan, iter(state.items()))
+    _load_into(model, plan, iter(state.items()), desc=f"loading {type(hf_model).__name__}")
     return model

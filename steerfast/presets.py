@@ -46,10 +46,14 @@ def _no_init_weights():
     return contextlib.nullcontext()  # slower (HF initialises, then we overwrite), still correct
 
 
-def random_hf_model(name: str, device="cpu", dtype=torch.bfloat16, std: float = 0.02, seed: int = 0):
+def random_hf_model(name: str, device="cpu", dtype=torch.bfloat16, std: float = 0.02, seed: int = 0,
+                    progress: bool | None = None):
     """A transformers model of preset shape `name`, allocated on `device` in `dtype`, with
-    N(0, std) weights and biases and unit norm weights, filled on the device (seconds for 8B)."""
+    N(0, std) weights and biases and unit norm weights, filled on the device (seconds for 8B on a
+    GPU; about a minute for 1.5B on a CPU, hence the progress bar: see steerfast.progress)."""
     from transformers import AutoModelForCausalLM
+
+    from .progress import bar
 
     cfg = hf_config(name)
     cfg.initializer_range = std
@@ -61,10 +65,15 @@ def random_hf_model(name: str, device="cpu", dtype=torch.bfloat16, std: float = 
         if head.weight is not emb.weight:
             head.weight = emb.weight
     gen = torch.Generator(device=torch.device(device)).manual_seed(seed)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():  # tied weights appear once
+    params = list(model.named_parameters())  # tied weights appear once
+    # counted in parameters, not tensors: one embedding can take as long as several layers
+    with torch.no_grad(), bar(total=sum(p.numel() for _, p in params), progress=progress, unit="param",
+                              unit_scale=True, desc=f"random {name} ({torch.device(device).type}, "
+                                                    f"{str(dtype).removeprefix('torch.')})") as shown:
+        for pname, p in params:
             if p.dim() == 1 and "norm" in pname:
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, std, generator=gen)
+            shown.update(p.numel())
     return model.eval().requires_grad_(False)

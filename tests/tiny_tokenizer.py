@@ -1,5 +1,6 @@
-"""A character-level fast tokenizer (ids < 110) with BOS/EOS and a chat template: text in and out
-for tests, nothing downloaded. Save it in a directory of its own: beside a config.json,
+"""A character-level fast tokenizer with BOS/EOS and a chat template: text in and out for tests,
+nothing downloaded. Every id below `vocab_size` decodes to one character (ASCII first, then
+Latin-1 and beyond), so a random model's output reads as text. Save it in a directory of its own: beside a config.json,
 transformers 5's AutoTokenizer rebuilds it as that model type's tokenizer class."""
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def char_tokenizer():
+def char_tokenizer(vocab_size: int = 101):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     units = ["<pad>", "<s>", "</s>", "<unk>", "\n"] + [chr(c) for c in range(32, 127)]
+    units += [chr(c) for c in range(0xA1, 0xA1 + vocab_size - len(units))]
     tk = Tokenizer(models.WordLevel({u: i for i, u in enumerate(units)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tk.decoder = decoders.Fuse()
