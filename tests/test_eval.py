@@ -485,6 +485,9 @@ def test_end_to_end_cli_on_tiny_models(tiny, tmp_path, capsys):
     assert hyb["trace"] == res.trace(0, decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
                                      names=list("abcd"))
     assert ("[" in hyb["trace"]) == (hyb["n_steered"] > 0)
+    page = (out / "hybrid" / hyb["trace_html"]).read_text(encoding="utf-8")  # Figure 3, one page a problem
+    assert page.count('class="steered"') >= (hyb["n_steered"] > 0) and p.question[:20] in page
+    assert hyb["n_tokens_graded"] <= hyb["n_tokens"] and hyb["n_steered_graded"] <= hyb["n_steered"]
     hr = s["runs"]["hybrid"]
     assert 0 < hr["steered_share"] <= 1 and sum(hr["category_counts"].values()) == hr["steered_tokens"] > 0
     assert set(hr["category_names"].values()) <= set("abcd")
@@ -499,6 +502,8 @@ def test_end_to_end_cli_on_tiny_models(tiny, tmp_path, capsys):
     assert cli_main(["eval", "--data", str(MATH_FILE), "--out", str(tmp_path / "o2"), "--runs", "hybrid",
                      "--base-model", str(tiny / "base"), "--thinking-model", str(tiny / "thinking")]) == 2
     assert "need --sae, --vectors, --sae-layer, --steer-layer" in capsys.readouterr().err
+    assert cli_main(_cli_args(tiny, tmp_path / "o4", runs="hybrid", extra=["--paper-config", "qwen2.5-math-1.5b"])) == 2
+    assert "has 15 categories but --sae" in capsys.readouterr().err  # the tiny SAE has 4 latents
     assert cli_main(["eval", "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o3"), "--runs", "base",
                      "--base-model", str(tiny / "base"), "--base-tokenizer", str(tiny / "tokenizer")]) == 2
     assert "does not exist" in capsys.readouterr().err

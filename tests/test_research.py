@@ -263,6 +263,14 @@ def test_vector_files_load_into_steering_and_hybrid(model, tmp_path):
     R.save_vector_set(tmp_path / "set.safetensors", {"a": v, "b": -v}, bias=v / 2, layer=1, point="output")
     kw = R.hybrid_vectors(tmp_path / "set.safetensors")
     assert kw["vectors"].shape == (2, model.args.dim) and kw["steer_layer"] == 1
+    # trained at the input of layer 2: the authors' hybrid steers the output of layer 2 (default);
+    # "exact" steers where the vector was measured, the output of layer 1
+    layer = int(torch.randint(1, model.args.n_layers, ()))
+    R.save_vector_set(tmp_path / "in.safetensors", {"a": v}, layer=layer, point="input")
+    assert R.hybrid_vectors(tmp_path / "in.safetensors")["steer_layer"] == layer
+    assert R.hybrid_vectors(tmp_path / "in.safetensors", layer_convention="exact")["steer_layer"] == layer - 1
+    with pytest.raises(sf.errors.InvalidInputError):
+        R.hybrid_vectors(tmp_path / "in.safetensors", layer_convention="hf")
     d = model.args.dim
     sae = sf.TopKSAE(torch.randn(d, 2), torch.zeros(2), torch.randn(2, d), torch.zeros(d), k=1)
     sf.Hybrid(model, model, sae, sae_layer=0, coefs=[1.0], windows=[-1], **kw)

@@ -2,9 +2,12 @@
 with the gap the hybrid recovers. Resumable (rerun the same command); several GPUs with
 `torchrun --nproc_per_node N -m steerfast eval ...`.
 
-    steerfast eval --data math500/test.jsonl --out runs/math500 \\
+    steerfast eval --data math500/test.jsonl --out runs/math500 --paper-config qwen2.5-math-1.5b \\
         --base-model Qwen2.5-Math-1.5B --thinking-model DeepSeek-R1-Distill-Qwen-1.5B \\
-        --sae sae.safetensors --vectors vectors.safetensors --sae-layer 17 --steer-layer 10
+        --sae sae.safetensors --vectors vectors.safetensors
+
+The hybrid searches the paper's grid by default: coefficients 0.1 ... 1.0 x windows 0, -1, -15,
+-50, -100. `--windows -1` is the fast option (each step wholly on the device).
 """
 from __future__ import annotations
 
@@ -13,10 +16,13 @@ import os
 import sys
 from pathlib import Path
 
+from .. import paper_configs
 from ..errors import InvalidInputError
 
 DTYPES = ("bf16", "fp16", "fp32", "fp64")  # fp64: exact references and tests
-PAPER_COEFS = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0"
+PAPER_COEFS = ",".join(f"{c:g}" for c in paper_configs.PAPER_COEFS)
+PAPER_WINDOWS = ",".join(str(w) for w in paper_configs.PAPER_WINDOWS)
+DEFAULT_MAX_NEW_TOKENS = 2000
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated, of base, thinking, hybrid (default: all three)")
     g.add_argument("--out", required=True, help="output directory; rerunning into it resumes")
     g.add_argument("--batch-size", type=int, default=8, help="problems generated together (per process)")
-    g.add_argument("--max-new-tokens", type=int, default=2000)
+    g.add_argument("--max-new-tokens", type=int, help=f"default {DEFAULT_MAX_NEW_TOKENS} (or --paper-config's)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--category-names", help="comma-separated names of the vectors' rows, for the table")
     g = p.add_argument_group("models (local Hugging Face directories)")
@@ -52,16 +58,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-stop-strings", action="store_true",
                    help="do not cut base-prompted completions at a following 'Question:' / 'Task:'")
     g = p.add_argument_group("hybrid")
+    g.add_argument("--paper-config", choices=sorted(paper_configs.PAPER_CONFIGS), metavar="NAME",
+                   help="a Table 1 pair of the paper (steerfast.paper_configs): its steer layer, SAE layer, grid "
+                        "and max new tokens, unless given here; the SAE must have its number of categories. "
+                        f"One of: {', '.join(paper_configs.PAPER_CONFIGS)}")
     g.add_argument("--sae", help="Top-K SAE on the thinking model (steerfast file, sparsify or SAELens dir)")
     g.add_argument("--sae-hookpoint", help="sub-directory of --sae for one hookpoint")
     g.add_argument("--vectors", help="safetensors file: 'vectors' [categories, d_base] and optional 'bias' [d_base]")
     g.add_argument("--sae-layer", type=int, help="thinking-model decoder layer the SAE reads (0-based)")
     g.add_argument("--steer-layer", type=int, help="base-model decoder layer whose output is steered (0-based)")
-    g.add_argument("--coefs", nargs="+", default=[PAPER_COEFS],
+    g.add_argument("--coefs", nargs="+",
                    help=f"coefficient grid, comma- or space-separated (default the paper's {PAPER_COEFS})")
-    g.add_argument("--windows", nargs="+", default=["-1"],
-                   help="window grid: -n the last n positions, 0 all; space-separated (--windows -1 -4 0) "
-                        "or --windows=-1,-4,0 (default -1)")
+    g.add_argument("--windows", nargs="+",
+                   help="window grid: -n the last n positions, 0 all; space-separated (--windows -1 -4 0) or "
+                        f"--windows={PAPER_WINDOWS} (default the paper's {PAPER_WINDOWS}; -1 alone is the fast path)")
     g.add_argument("--gate", default="thinking", choices=["thinking", "controller"])
     g.add_argument("--threshold", type=float, default=float("-inf"), help="controller latent threshold")
 
@@ -98,6 +108,20 @@ def _load_vectors(path):
     return t["vectors"], t.get("bias")
 
 
+def apply_paper_config(args) -> paper_configs.HybridConfig | None:
+    """Fill the hybrid settings not given on the command line: from --paper-config when named,
+    else the paper's grid and 2000 new tokens. Returns the configuration used, if any."""
+    cfg = paper_configs.hybrid_config(args.paper_config) if args.paper_config else None
+    if cfg is not None:
+        args.sae_layer = cfg.sae_layer if args.sae_layer is None else args.sae_layer
+        args.steer_layer = cfg.steer_layer if args.steer_layer is None else args.steer_layer
+    args.coefs = args.coefs or [",".join(f"{c:g}" for c in cfg.coefs) if cfg else PAPER_COEFS]
+    args.windows = args.windows or [",".join(map(str, cfg.windows)) if cfg else PAPER_WINDOWS]
+    if args.max_new_tokens is None:
+        args.max_new_tokens = cfg.max_new_tokens if cfg else DEFAULT_MAX_NEW_TOKENS
+    return cfg
+
+
 def run(args) -> int:
     import torch
 
@@ -108,6 +132,7 @@ def run(args) -> int:
     from .run import (BaseGenerator, HybridGenerator, ThinkingGenerator, evaluate, init_distributed, markdown,
                       write_summary)
 
+    paper = apply_paper_config(args)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     bad = [r for r in runs if r not in ("base", "thinking", "hybrid")]
     if bad or not runs:
@@ -164,13 +189,18 @@ def run(args) -> int:
             else:
                 sae = sf.TopKSAE.load(args.sae, hookpoint=args.sae_hookpoint)
                 vectors, bias = _load_vectors(args.vectors)
+                if paper is not None and sae.n_latents != paper.n_categories:
+                    raise InvalidInputError(f"--paper-config {paper.name} has {paper.n_categories} categories but "
+                                            f"--sae {args.sae} has {sae.n_latents} latents")
                 h = sf.Hybrid(base, think, sae, vectors, bias, sae_layer=args.sae_layer, steer_layer=args.steer_layer,
                               coefs=_numbers(args.coefs, float, "coefs"), windows=_numbers(args.windows, int, "windows"),
                               gate=args.gate, threshold=args.threshold, tokenizers=(base_tok, think_tok))
                 gens.append(HybridGenerator(h, base_tok, think_tok, args.max_new_tokens, base_t, think_t, stops,
                                             info=dict(info, base_model=str(args.base_model),
                                                       thinking_model=str(args.thinking_model), sae=str(args.sae),
-                                                      vectors=str(args.vectors)), category_names=names))
+                                                      vectors=str(args.vectors),
+                                                      **({"paper_config": paper.name} if paper else {})),
+                                            category_names=names))
         for g in gens:
             evaluate(problems, g, args.out, batch_size=args.batch_size, progress=not args.no_progress,
                      rank=rank, world=world)

@@ -6,8 +6,13 @@ Layout of an output directory:
     OUT/<run>/config.json             what the run was made with; a resume must match it
     OUT/<run>/results_rank<r>.jsonl   one line per finished problem, appended as batches finish
     OUT/<run>/results.jsonl           all ranks' lines merged, sorted by problem index
+    OUT/hybrid/traces/<idx>.html      each hybrid problem's text, steered spans highlighted (Figure 3)
     OUT/summary.json, OUT/summary.md  accuracy (95% Wilson interval), gap recovered, steered share,
                                       steered tokens per category, tokens/s
+
+The steered share is over the tokens the grader reads (up to the cut at the next "Question:" /
+"Task:"), what the paper's ~12% measures; the share over every generated token is reported beside
+it as steered_share_raw.
 
 Resuming reads every shard (whatever world size wrote it) and skips the problems found there; a
 killed run loses at most the batch in flight (each batch's lines are flushed and fsynced), and a
@@ -29,6 +34,7 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 from ..errors import InvalidInputError, SequenceTooLongError
+from ..trace_html import render_trace_html
 from .answers import extract_answer, grade
 from .data import (BASE_STOP_STRINGS, BASE_TEMPLATE, THINKING_TEMPLATE, Problem, base_prompt, cut_at_stops,
                    thinking_prompt)
@@ -47,6 +53,9 @@ class Completion:
     n_steered: int = 0
     categories: dict = field(default_factory=dict)  # category -> steered tokens
     trace: str | None = None  # hybrid: the text with steered spans marked [category:...] (the paper's Fig. 3)
+    n_graded: int | None = None  # tokens up to the stop-string cut (those the grader reads); None: all
+    n_steered_graded: int | None = None  # steered tokens among those
+    html: str | None = None  # hybrid: the trace as an HTML page (written to traces/, not to the JSONL)
 
 
 class Generator(Protocol):
@@ -67,6 +76,19 @@ def default_eos(model, tokenizer) -> list[int]:
 
 def _decode(tokenizer, ids) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def graded_tokens(tokenizer, ids: Sequence[int], kept: str) -> int:
+    """How many leading tokens hold the text `kept` (a prefix of their decoded text, cut at a stop
+    string): the fewest whose decoded text reaches len(kept), the token the cut falls in included."""
+    lo, hi = 0, len(ids)
+    while lo < hi:  # decoded length grows with the prefix: bisect on it
+        mid = (lo + hi) // 2
+        if len(_decode(tokenizer, ids[:mid])) >= len(kept):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 class BaseGenerator:
@@ -126,14 +148,19 @@ class HybridGenerator:
         bp = [base_prompt(self.base_tok, q, self.base_template) for q in questions]
         tp = [thinking_prompt(self.think_tok, q, self.thinking_template) for q in questions]
         res = self.hybrid.generate(bp, tp, self.max_new_tokens, eos_token_id=self.eos or None)
+        decode = lambda ids: _decode(self.base_tok, ids)  # noqa: E731
         out = []
         for i, (toks, steered, cats) in enumerate(zip(res.tokens, res.steered, res.category)):
             counts = Counter(c for c, s in zip(cats, steered) if s)
-            out.append(Completion(cut_at_stops(_decode(self.base_tok, toks), self.stop_strings), len(toks),
-                                  bool(toks) and toks[-1] in self.eos, sum(steered),
+            full = decode(toks)
+            text = cut_at_stops(full, self.stop_strings)
+            n_graded = len(toks) if text == full else graded_tokens(self.base_tok, toks, text)
+            out.append(Completion(text, len(toks), bool(toks) and toks[-1] in self.eos, sum(steered),
                                   {str(k): v for k, v in sorted(counts.items())},
-                                  res.trace(i, decode=lambda ids: _decode(self.base_tok, ids),
-                                            names=self.category_names)))
+                                  res.trace(i, decode=decode, names=self.category_names),
+                                  n_graded, sum(steered[:n_graded]),
+                                  render_trace_html(res, i, decode, self.category_names, title="hybrid trace",
+                                                    note=questions[i])))
         return out
 
     def config(self):
@@ -268,25 +295,37 @@ def _record(p: Problem, run: str, c: Completion | None, gen_s: float, rank: int,
                gen_s=round(gen_s, 6), rank=rank, completion=c.text if c else "")
     if c is not None and c.trace is not None:
         rec["trace"] = c.trace
+    if c is not None and c.n_graded is not None:
+        rec.update(n_tokens_graded=c.n_graded, n_steered_graded=c.n_steered_graded)
     if error is not None:
         rec["error"] = error
     return rec
 
 
-def _generate(generator, batch: list[Problem], rank: int) -> list[dict]:
-    """Records for a batch; a prompt too long for the cache is retried alone and recorded as an
-    error (graded wrong) rather than stopping the run."""
+def _generate(generator, batch: list[Problem], rank: int, run_dir: Path) -> list[dict]:
+    """Records for a batch (a completion's HTML trace goes to run_dir/traces/<idx>.html); a prompt
+    too long for the cache is retried alone and recorded as an error (graded wrong) rather than
+    stopping the run."""
     t0 = time.perf_counter()
     try:
         comps = generator.generate([p.question for p in batch])
     except SequenceTooLongError as e:
         if len(batch) == 1:
             return [_record(batch[0], generator.run, None, time.perf_counter() - t0, rank, f"{type(e).__name__}: {e}")]
-        return [r for p in batch for r in _generate(generator, [p], rank)]
+        return [r for p in batch for r in _generate(generator, [p], rank, run_dir)]
     dt = time.perf_counter() - t0
     if len(comps) != len(batch):
         raise RuntimeError(f"{type(generator).__name__}.generate returned {len(comps)} completions for {len(batch)}")
-    return [_record(p, generator.run, c, dt / len(batch), rank) for p, c in zip(batch, comps)]
+    recs = []
+    for p, c in zip(batch, comps):
+        rec = _record(p, generator.run, c, dt / len(batch), rank)
+        if c.html is not None:
+            rel = Path("traces") / f"{p.idx}.html"
+            (run_dir / "traces").mkdir(exist_ok=True)
+            _atomic_write(run_dir / rel, c.html)
+            rec["trace_html"] = rel.as_posix()
+        recs.append(rec)
+    return recs
 
 
 def evaluate(problems: Sequence[Problem], generator: Generator, out_dir, *, batch_size: int = 8,
@@ -328,7 +367,7 @@ def evaluate(problems: Sequence[Problem], generator: Generator, out_dir, *, batc
     try:
         for s in range(0, len(pending), batch_size):
             batch = pending[s:s + batch_size]
-            new = _generate(generator, batch, rank)
+            new = _generate(generator, batch, rank, run_dir)
             with open(shard, "a", encoding="utf-8") as fh:
                 fh.write(_dumps(new))
                 fh.flush()
@@ -360,6 +399,9 @@ def _run_summary(recs: list[dict], names: dict | None = None) -> dict:
     tokens = sum(int(r.get("n_tokens", 0)) for r in recs)
     secs = sum(float(r.get("gen_s", 0.0)) for r in recs)
     steered = sum(int(r.get("n_steered", 0)) for r in recs)
+    # the tokens the grader reads; records without the count (runs not cut) read every token
+    graded = sum(int(r.get("n_tokens_graded", r.get("n_tokens", 0))) for r in recs)
+    steered_graded = sum(int(r.get("n_steered_graded", r.get("n_steered", 0))) for r in recs)
     cats: Counter = Counter()
     for r in recs:
         cats.update({str(c): int(v) for c, v in (r.get("categories") or {}).items()})
@@ -367,7 +409,8 @@ def _run_summary(recs: list[dict], names: dict | None = None) -> dict:
                mean_tokens=tokens / n if n else None, tokens_per_s=tokens / secs if secs > 0 else None,
                gen_s=secs, stopped=sum(bool(r.get("stopped")) for r in recs),
                errors=sum("error" in r for r in recs), steered_tokens=steered,
-               steered_share=steered / tokens if tokens else 0.0,
+               steered_share=steered_graded / graded if graded else 0.0,
+               steered_share_raw=steered / tokens if tokens else 0.0, graded_tokens=graded,
                category_counts={c: cats[c] for c in sorted(cats, key=lambda c: (len(c), c))})
     if names:
         out["category_names"] = {c: names.get(c, c) for c in out["category_counts"]}
@@ -424,11 +467,12 @@ def markdown(summary: dict) -> str:
     """The summary as a markdown table (the paper's table, one row per run)."""
     ds = summary.get("dataset")
     lines = [f"## {ds if isinstance(ds, str) else ', '.join(ds) or 'evaluation'}: {summary.get('n_problems', 0)} problems", "",
-             "| run | accuracy | 95% CI | correct / n | mean tokens | steered share | tokens/s |",
+             "| run | accuracy | 95% CI | correct / n | mean tokens | steered share (graded / all tokens) | tokens/s |",
              "| --- | ---: | :---: | ---: | ---: | ---: | ---: |"]
     for name, s in summary["runs"].items():
         lo, hi = s["ci95"]
-        steer = _pct(s["steered_share"]) if name == "hybrid" or s["steered_tokens"] else "–"
+        steer = (f"{_pct(s['steered_share'])} / {_pct(s.get('steered_share_raw', s['steered_share']))}"
+                 if name == "hybrid" or s["steered_tokens"] else "–")
         tps = "–" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:.1f}"
         mean = "–" if s["mean_tokens"] is None else f"{s['mean_tokens']:.0f}"
         lines.append(f"| {name}{'' if s['complete'] else ' (incomplete)'} | {_pct(s['accuracy'])} | "

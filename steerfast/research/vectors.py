@@ -173,13 +173,26 @@ def load_steering(path, coef: float = 1.0, positions: str = "all", name: str | i
                     positions=positions)
 
 
-def hybrid_vectors(path) -> dict:
-    """Keyword arguments for `steerfast.Hybrid` from a vector set: vectors, bias, steer_layer."""
+LAYER_CONVENTIONS = ("paper", "exact")
+
+
+def hybrid_vectors(path, layer_convention: str = "paper") -> dict:
+    """Keyword arguments for `steerfast.Hybrid` from a vector set: vectors, bias, steer_layer.
+
+    layer_convention "paper" (default): steer the output of the layer index the vector was trained
+    for, whatever its point, as the authors' hybrid does (needed to reproduce their numbers).
+    "exact": steer where the vector was measured (`steering_layer`: the input of layer L is the
+    output of layer L - 1)."""
+    if layer_convention not in LAYER_CONVENTIONS:
+        raise InvalidInputError(f"layer_convention must be one of {LAYER_CONVENTIONS}, got {layer_convention!r}")
     v, meta = load_vector(path)
     if v.dim() != 2:
         v = v[None]
+    if "layer" not in meta:
+        raise CheckpointError(f"{path}: its metadata names no layer")
+    layer = int(meta["layer"])
     return dict(vectors=v, bias=meta.get("bias"),
-                steer_layer=steering_layer(int(meta["layer"]), meta.get("point", "output")))
+                steer_layer=layer if layer_convention == "paper" else steering_layer(layer, meta.get("point", "output")))
 
 
 def load_vectors(paths: Sequence[str | Path]) -> dict[str, torch.Tensor]:
