@@ -2,8 +2,9 @@
 
 A ragged batch is prefilled once (right-padded, each row at its own positions), then every decode
 step is the same fixed-shape computation on fixed buffers: on a GPU one CUDA graph per
-batch-size bucket (sharing one memory pool), replayed with no host sync inside a step. The host
-looks at the device only every `check_every` steps, to stop early when every row has finished.
+batch-size bucket, owned (with its memory pool) by the model's `GraphRunner`, replayed with no
+host sync inside a step. The host looks at the device only every `check_every` steps, to stop early
+when every row has finished (and to see whether steering drove the activations non-finite).
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import (InsufficientMemoryError, InvalidInputError, SequenceTooLongError,
+from .errors import (InsufficientMemoryError, InvalidInputError, NonFiniteError, SequenceTooLongError,
                      TokenOutOfRangeError)
+from .graphs import GraphRunner
 from .model import Context, Steer, Transformer
 from .sampling import sample
 from .steering import Steering
@@ -50,13 +52,14 @@ class StepBuffers:
     top_p: torch.Tensor  # [Bb] float32
     seed: torch.Tensor  # [Bb] int64
     steer: Steer | None
+    nonfinite: torch.Tensor  # [Bb] bool, set when a steered row's logits stop being finite
 
 
 class Model:
     """A loaded checkpoint ready to generate. Build it with `steerfast.load_model`."""
 
     def __init__(self, net: Transformer, max_seq_len: int | None = None, eager: bool | None = None,
-                 check_every: int = 16):
+                 check_every: int = 16, graph_backend=None):
         self.net = net
         self.args = net.args
         p = net.tok_embeddings.weight
@@ -64,8 +67,19 @@ class Model:
         self.max_seq_len = max_seq_len or self.args.max_position_embeddings
         self.eager = self.device.type != "cuda" if eager is None else eager
         self.check_every = check_every
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, StepBuffers]] = {}
-        self._pool = None
+        self.graphs = GraphRunner(self.device, graph_backend)  # step graphs, their buffers and pool
+        self.cache_generation = 0  # counts KV-cache allocations: graphs captured against an older one are stale
+
+    @property
+    def cache_len(self) -> int:
+        """Positions the KV cache holds now (0 before the first generate)."""
+        return 0 if self.net.kv is None else self.net.kv.max_seq_len
+
+    def release(self):
+        """Free the step graphs and the KV cache (the next generate makes them again)."""
+        self.graphs.release()
+        self.net.kv = None
+        self.cache_generation += 1
 
     # ------------------------------------------------------------------ checks
     def check_prompts(self, prompts, max_new_tokens: int) -> list[list[int]]:
@@ -89,7 +103,9 @@ class Model:
             out.append(list(p))
         return out
 
-    def _stop_ids(self, eos_token_id, stop_ids, B) -> list[list[int]]:
+    def stop_ids(self, eos_token_id="default", stop_ids=None, B: int = 1) -> list[list[int]]:
+        """Per sequence, the ids that end it: the checkpoint's EOS ids (eos_token_id="default"), the
+        given ones, or none (None), plus `stop_ids` (one list, or one per sequence)."""
         eos = list(self.args.eos_token_ids) if eos_token_id == "default" else (
             [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         per_seq = stop_ids if stop_ids and isinstance(stop_ids[0], (list, tuple)) else [stop_ids or []] * B
@@ -115,8 +131,18 @@ class Model:
                     f"a KV cache of batch {rows} x {seq} positions needs {rows * seq * per_token / 2**30:.2f} GiB, "
                     f"{budget / 2**30:.2f} GiB is free: at this length a batch of {budget // (seq * per_token)} fits, "
                     f"at this batch {budget // (rows * per_token)} positions")
-        self._graphs.clear()  # graphs hold the old cache's addresses
+        self.graphs.release()  # graphs hold the old cache's addresses
         self.net.setup_cache(rows, seq)
+        self.cache_generation += 1
+
+    def prefill(self, prompts: Sequence[Sequence[int]], capture_layer: int | None = None):
+        """Run a ragged batch of prompts into the KV cache (rows 0..B-1), which must be large enough
+        (ensure_cache). Returns the last position's logits [B, V], the output of `capture_layer` at
+        every position [B, T, d] (or None) and the lengths [B] int64."""
+        tokens, pos, lens = right_pad(prompts, self.device)
+        ctx = Context(input_pos=pos, kv_len=tokens.shape[1], logits_index=lens - 1, capture_layer=capture_layer)
+        logits = self.net(tokens, ctx)
+        return logits, ctx.captured, lens
 
     # ------------------------------------------------------------------ one decode step
     def _decode_step(self, s: StepBuffers, mode: str, kv_len: int | None):
@@ -126,6 +152,8 @@ class Model:
         nxt = torch.where(s.done, s.tok, nxt)  # finished rows stand still; trimmed on the host
         s.out.scatter_(1, s.step.expand(nxt.shape[0], 1), nxt[:, None])
         s.done |= (nxt[:, None] == s.stop).any(-1)
+        if s.steer is not None:  # a huge vector overflows the residual stream: say so, not garbage tokens
+            s.nonfinite |= ~torch.isfinite(logits).all(-1)
         s.tok.copy_(nxt)
         s.pos.add_(1)
         s.step.add_(1)
@@ -141,36 +169,20 @@ class Model:
         return StepBuffers(tok=z(torch.int64, Bb), pos=z(torch.int32, Bb), done=torch.ones(Bb, dtype=torch.bool, device=dev),
                            step=z(torch.int64, 1), out=z(torch.int64, Bb, self.net.kv.max_seq_len), stop=z(torch.int64, Bb, n_stop) - 1,
                            temperature=z(torch.float32, Bb), top_k=z(torch.int64, Bb), top_p=z(torch.float32, Bb),
-                           seed=z(torch.int64, Bb), steer=steer)
-
-    def _capture(self, step: Callable[[], None], reset: Callable[[], None]) -> "torch.cuda.CUDAGraph":
-        """Capture `step` into a CUDA graph sharing this model's memory pool. It runs twice first on a
-        side stream (Triton compiles, allocator warms up); `reset` restores the buffers after."""
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step()
-                reset()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._pool):
-            step()
-        self._pool = g.pool()
-        return g
+                           seed=z(torch.int64, Bb), steer=steer, nonfinite=z(torch.bool, Bb))
 
     def _runner(self, Bb, n_stop, steer_layer, mode):
         """Fixed buffers for this shape, and (on the GPU path) the captured step graph. `out` is
         as wide as the cache, so one graph serves every max_new_tokens."""
-        key = (Bb, n_stop, steer_layer, mode)
+        key = ("decode", Bb, n_stop, steer_layer, mode)
         if self.eager:
             return None, self._buffers(Bb, n_stop, steer_layer)
-        if key not in self._graphs:
+        if key not in self.graphs:
             # dummy state: rows done, at position 0, whose KV writes the prefill that follows overwrites
             s = self._buffers(Bb, n_stop, steer_layer)
-            g = self._capture(lambda: self._decode_step(s, mode, None), lambda: (s.pos.zero_(), s.step.zero_()))
-            self._graphs[key] = (g, s)
-        return self._graphs[key]
+            self.graphs.capture(key, lambda: self._decode_step(s, mode, None), s,
+                                reset=lambda: (s.pos.zero_(), s.step.zero_()))
+        return self.graphs.get(key)
 
     def forward_step(self, tok: torch.Tensor, pos: torch.Tensor, kv_len: int, capture_layer: int | None = None):
         """One token per row: tok [B] int64 at positions pos [B] int32 -> (last logits [B, V], the
@@ -184,7 +196,7 @@ class Model:
             return logits, None if capture_layer is None else ctx.captured[:, 0]
         Bb = bucket_for(B)
         key = ("step", Bb, capture_layer)
-        if key not in self._graphs:
+        if key not in self.graphs:
             bufs = dict(tok=torch.zeros(Bb, dtype=torch.int64, device=self.device),
                         pos=torch.zeros(Bb, dtype=torch.int32, device=self.device))
 
@@ -192,8 +204,8 @@ class Model:
                 ctx = Context(input_pos=bufs["pos"][:, None], capture_layer=capture_layer)
                 bufs["logits"] = self.net(bufs["tok"][:, None], ctx)[:, 0]
                 bufs["captured"] = None if capture_layer is None else ctx.captured[:, 0]
-            self._graphs[key] = (self._capture(step, lambda: None), bufs)
-        g, bufs = self._graphs[key]
+            self.graphs.capture(key, step, bufs)
+        g, bufs = self.graphs.get(key)
         bufs["tok"].zero_()[:B] = tok
         bufs["pos"].zero_()[:B] = pos
         g.replay()
@@ -224,7 +236,7 @@ class Model:
         if top_p is not None and not 0 < top_p <= 1:
             raise InvalidInputError(f"top_p must be in (0, 1], got {top_p!r}")
         steer_vecs = steering.check(a.dim, a.n_layers, B) if steering is not None else None
-        stops = self._stop_ids(eos_token_id, stop_ids, B)
+        stops = self.stop_ids(eos_token_id, stop_ids, B)
         mode = "greedy" if max(temps) == 0 else "filter" if (top_k or top_p) else "sample"
 
         lens = [len(p) for p in prompts]
@@ -259,6 +271,9 @@ class Model:
         s.pos.zero_()[:B] = lens_t
         s.out.zero_()[:B, 0] = first
         s.done.fill_(True)[:B] = (first[:, None] == s.stop[:B]).any(-1)
+        s.nonfinite.zero_()
+        if s.steer is not None:
+            s.nonfinite[:B] = ~torch.isfinite(logits).all(-1)
         s.step.fill_(1)
         if callback is not None:
             callback(0, first.tolist())
@@ -271,8 +286,16 @@ class Model:
                 self._decode_step(s, mode, T + step)
             if callback is not None:
                 callback(step, s.tok[:B].tolist())
-            if step % self.check_every == 0 and bool(s.done[:B].all()):
-                break
+            if step % self.check_every == 0:
+                all_done, nonfinite = torch.stack([s.done[:B].all(), s.nonfinite[:B].any()]).tolist()
+                if nonfinite or all_done:
+                    break
+        if s.steer is not None and bool(s.nonfinite[:B].any()):
+            rows = s.nonfinite[:B].nonzero()[:, 0].tolist()
+            raise NonFiniteError(
+                f"the activations of sequence(s) {rows} became NaN/Inf after steering at layer {steering.layer} "
+                f"(coef {steering.coef} x vector norm {steer_vecs.float().norm(dim=-1).max().item():.3g}): "
+                "the vector is too large for this model's residual stream")
         out = s.out[:B, :n_out].tolist()
         return [_trim(row, set(st)) for row, st in zip(out, stops)]
 

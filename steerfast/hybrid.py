@@ -24,8 +24,9 @@ from typing import Sequence
 import torch
 
 from . import ops
-from .engine import Model, bucket_for, right_pad
+from .engine import Model, bucket_for
 from .errors import InvalidInputError, LayerIndexError, NonFiniteError, ShapeMismatchError
+from .graphs import GraphRunner
 from .model import Context
 from .hybrid_step import fast_step, new_state
 from .sae import TopKSAE
@@ -146,7 +147,10 @@ class Hybrid:
         self.gate, self.threshold, self.tokenizers = gate, float(threshold), tokenizers
         self.scratch_rows = scratch_rows
         self.fast = fast  # windows == [-1] with one vocabulary: whole steps on the device (hybrid_step)
-        self._graphs: dict = {}
+        # the fast step's graphs read both models' caches: captured by this hybrid's own runner (and
+        # pool), released when either cache is replaced
+        self.graphs = GraphRunner(base.device, base.graphs._backend)
+        self._caches = None
 
     # ------------------------------------------------------------------ helpers
     def _retokenize(self, tok: int) -> list[int]:
@@ -154,14 +158,6 @@ class Hybrid:
             return [tok]
         base_tok, think_tok = self.tokenizers
         return think_tok.encode(base_tok.decode([tok]), add_special_tokens=False)
-
-    @staticmethod
-    def _prefill(m: Model, prompts: list[list[int]], capture_layer: int):
-        """Ragged prefill; returns last-position logits and the captured layer output [B, T, d]."""
-        tokens, pos, lens = right_pad(prompts, m.device)
-        ctx = Context(input_pos=pos, kv_len=tokens.shape[1], logits_index=lens - 1, capture_layer=capture_layer)
-        logits = m.net(tokens, ctx)
-        return logits, ctx.captured, lens
 
     def _feed(self, m: Model, new: list[list[int]], lens: list[int], capture_layer: int):
         """Append each row's new tokens (several when re-encoding between tokenizers) at its length;
@@ -208,15 +204,16 @@ class Hybrid:
     def _fast_runner(self, Bb: int, n_eos: int, coefs: list[float]):
         """Fixed buffers and (on the GPU path) the captured fast step for this bucket."""
         key = (Bb, n_eos, tuple(coefs))
-        if key not in self._graphs:
-            s = new_state(Bb, self.base.net.kv.max_seq_len, n_eos, coefs, self.base.device)
-            graph = None
-            if not self.base.eager:
-                def reset():
-                    s.pos_b.zero_(), s.pos_t.zero_(), s.step.zero_()
-                graph = self.base._capture(lambda: fast_step(self, s), reset)
-            self._graphs[key] = (s, graph)
-        return self._graphs[key]
+        if self.base.eager:
+            return new_state(Bb, self.base.cache_len, n_eos, coefs, self.base.device), None
+        if key not in self.graphs:
+            s = new_state(Bb, self.base.cache_len, n_eos, coefs, self.base.device)
+
+            def reset():
+                s.pos_b.zero_(), s.pos_t.zero_(), s.step.zero_()
+            self.graphs.capture(key, lambda: fast_step(self, s), s, reset=reset)
+        graph, s = self.graphs.get(key)
+        return s, graph
 
     def _run_fast(self, s, graph, res, toks, done, Lb, Lt, start, max_new_tokens, eos, grid, check_every=16):
         """Generate tokens start .. max_new_tokens-1 with the device-side step; append them to res."""
@@ -260,7 +257,7 @@ class Hybrid:
         B = len(base_prompts)
         if len(thinking_prompts) != B:
             raise InvalidInputError(f"{B} base prompts but {len(thinking_prompts)} thinking prompts")
-        eos = set(base._stop_ids(eos_token_id, None, 1)[0])
+        eos = set(base.stop_ids(eos_token_id, None, 1)[0])
         grid = [(self.coefs[0], self.windows[0])] if self.gate == "controller" \
             else [(c, w) for c in self.coefs for w in self.windows]
         Lb = [len(p) for p in base_prompts]
@@ -269,20 +266,20 @@ class Hybrid:
         Bb = B if base.eager else bucket_for(B)
         # rows: the batch (bucket), then scratch rows for candidates
         rows = max(Bb, B + min(self.scratch_rows, B * len(grid))) if not fast else Bb * (1 + len(grid))
-        caches = (base.net.kv, think.net.kv)
         base.ensure_cache(rows, max(Lb) + max_new_tokens)
         think.ensure_cache(Bb, think.max_seq_len if self.tokenizers else max(Lt) + max_new_tokens)
-        if caches != (base.net.kv, think.net.kv):
-            self._graphs.clear()  # captured against the old caches
-        del caches
+        caches = (base.cache_generation, think.cache_generation)
+        if caches != self._caches:
+            self.graphs.release()  # captured against the old caches
+            self._caches = caches
         if fast:  # captured before the prefill: the dummy step's writes at position 0 get overwritten
             state, graph = self._fast_runner(Bb, len(eos), [c for c, _ in grid])
-        residual = torch.empty(B, base.net.kv.max_seq_len, base.args.dim, dtype=base.dtype, device=base.device)
+        residual = torch.empty(B, base.cache_len, base.args.dim, dtype=base.dtype, device=base.device)
         t0 = time.perf_counter()
 
-        logits_b, cap_b, _ = self._prefill(base, base_prompts, self.steer_layer)
+        logits_b, cap_b, _ = base.prefill(base_prompts, self.steer_layer)
         residual[:, :cap_b.shape[1]] = cap_b
-        logits_t, cap_t, lens_t = self._prefill(think, thinking_prompts, self.sae_layer)
+        logits_t, cap_t, lens_t = think.prefill(thinking_prompts, self.sae_layer)
         a = cap_t[torch.arange(B, device=think.device), lens_t - 1]
 
         res = HybridResult([[] for _ in range(B)], [[] for _ in range(B)], [[] for _ in range(B)],
@@ -339,7 +336,7 @@ class Hybrid:
             else:
                 new_t = [self._retokenize(t) for t in toks]
                 width = max(map(len, new_t))  # _feed pads every row to this many positions
-                if max(Lt) + width > think.net.kv.max_seq_len:
+                if max(Lt) + width > think.cache_len:
                     raise InvalidInputError("the thinking model's re-encoded text outgrew its max_seq_len")
                 # a token whose text re-encodes to nothing leaves the thinking model where it was:
                 # feed a placeholder (overwritten later, its length does not advance), keep its outputs
