@@ -4,8 +4,9 @@
   activations capture activations after/before a layer into resumable safetensors shards
   diff-means  a steering vector by difference of means (ward: window before span starts; venhoff: per label)
   optimize    optimised vectors (bias on whole traces, then one per label) by cross-entropy
-  sae         Top-K SAE taxonomy over sentence-mean activations (grid over n_latents), with examples
-  logit-lens  the tokens a vector promotes
+  sae         Top-K SAE taxonomy over sentence-mean activations (grid over n_latents), with examples,
+              and the grid figure (taxonomy_grid.png: scores per layer and cluster count, elbow marked)
+  logit-lens  the tokens a vector promotes; with --out, chosen tokens' logits per layer (lens.json/png)
   sweep       emission rate of chosen tokens over a steering-magnitude sweep, vectors vs baselines
 """
 from __future__ import annotations
@@ -59,8 +60,9 @@ def _load(args):
     return model, tokenizer, args.model or f"random:{args.random}"
 
 
-def _labeller(spec: str | None):
-    """module:function -> the callable (labels one trace's sentences; see steerfast.research.spans)."""
+def _callable(spec: str | None):
+    """module:function -> the callable (a labeller of one trace's sentences, see
+    steerfast.research.spans; or a taxonomy judge, see steerfast.research.sae_train)."""
     if not spec:
         return None
     mod, _, fn = spec.partition(":")
@@ -124,14 +126,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--examples", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    p.add_argument("--judge", help="module:function scoring a taxonomy: judge(metric, categories) -> float, for "
+                                   "completeness, independence, consistency (default: not judged)")
+    p.add_argument("--out", required=True, help="directory: SAEs, taxonomy.json, taxonomy_grid.json/png")
     p.set_defaults(tool_fn=_sae)
 
-    p = sub.add_parser("logit-lens", help="the tokens a vector promotes")
+    p = sub.add_parser("logit-lens", help="the tokens a vector promotes; per layer with --out")
     _model_args(p)
-    p.add_argument("--vector", required=True)
+    p.add_argument("--vector", required=True, nargs="+", help="vector files, e.g. one per layer")
     p.add_argument("--name", help="which vector of a set")
     p.add_argument("--top", type=int, default=10)
+    p.add_argument("--tokens", nargs="+", default=[" Wait", " But", " Hmm"], help="single-token strings (--out)")
+    p.add_argument("--token-ids", type=_ints, help="token ids instead of --tokens")
+    p.add_argument("--out", help="directory: lens.json and lens.png, the chosen tokens' logits at each "
+                                 "vector's layer")
     p.set_defaults(tool_fn=_logit_lens)
 
     p = sub.add_parser("sweep", help="emission rate of chosen tokens over a magnitude sweep")
@@ -159,7 +167,7 @@ def _split(args) -> int:
 
     from .spans import read_jsonl, write_jsonl
     tok = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
-    recs = read_jsonl(args.input, tok, _labeller(args.labeller))
+    recs = read_jsonl(args.input, tok, _callable(args.labeller))
     write_jsonl(args.out, recs)
     print(f"{len(recs)} records, {sum(len(r.spans) for r in recs)} spans -> {args.out}")
     return 0
@@ -169,7 +177,7 @@ def _activations(args) -> int:
     from .activations import extract_activations
     from .spans import read_jsonl
     model, tok, name = _load(args)
-    recs = read_jsonl(args.input, tok, _labeller(args.labeller))
+    recs = read_jsonl(args.input, tok, _callable(args.labeller))
     out = extract_activations(model, recs, args.layer, args.out, mode=args.mode, point=args.point,
                               offset=args.offset, width=args.width, shard_size=args.shard_size,
                               batch_size=args.batch_size, model_name=name)
@@ -234,6 +242,7 @@ def _optimize(args) -> int:
 
 def _sae(args) -> int:
     from .activations import load_activations
+    from .figures import save_taxonomy_grid, taxonomy_grid
     from .sae_train import sae_grid, taxonomy
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -247,7 +256,8 @@ def _sae(args) -> int:
         sentences = [t if t is not None else f"record {r} span {s}" for t, r, s in
                      zip(acts.texts, acts.record.tolist(), acts.span.tolist())]
         layer = acts.meta["layer"]
-        for res in sae_grid({layer: acts.acts}, args.n_latents, args.k, sentences=sentences, seed=args.seed):
+        for res in sae_grid({layer: acts.acts}, args.n_latents, args.k, sentences=sentences,
+                            judge=_callable(args.judge), seed=args.seed):
             res.sae.metadata.update(model=acts.meta.get("model"), point=acts.meta["point"])
             path = out / f"sae_L{layer}_n{res.n_latents}.safetensors"
             res.sae.save(path)
@@ -256,29 +266,66 @@ def _sae(args) -> int:
                                 categories=tax))
             print(f"layer {layer} n={res.n_latents}: fvu {res.scores['fvu']:.4f}, {res.scores['used']} used -> {path}")
     (out / "taxonomy.json").write_text(json.dumps(summary, indent=1))
+    grid = taxonomy_grid(summary)
+    try:
+        save_taxonomy_grid(grid, out / "taxonomy_grid.json", out / "taxonomy_grid.png")
+    except ImportError as e:  # the JSON is written first; the plot is optional
+        print(f"note: {e}; wrote {out / 'taxonomy_grid.json'} only", file=sys.stderr)
+    print(f"elbow of FVU by layer: {grid['elbow']} -> {out / 'taxonomy_grid.png'}")
     return 0
+
+
+def _chosen_tokens(args, tok) -> dict | None:
+    """{string: id} from --token-ids or --tokens (None, with the error printed, without a tokenizer)."""
+    if args.token_ids:
+        return {str(t): t for t in args.token_ids}
+    if tok is None:
+        print("error: --tokens needs a tokenizer; pass --token-ids", file=sys.stderr)
+        return None
+    from .analysis import token_ids_for
+    return token_ids_for(tok, args.tokens)
 
 
 def _logit_lens(args) -> int:
     from .analysis import logit_lens
+    from .figures import logit_lens_by_layer, plot_logit_lens_by_layer
     from .vectors import load_vector
     model, tok, _ = _load(args)
-    v, meta = load_vector(args.vector)
-    if v.dim() == 2:
-        names = meta.get("names", list(range(v.shape[0])))
-        pick = names if args.name is None else [args.name]
-        rows = {n: v[names.index(n)] for n in pick}
-    else:
-        rows = {meta.get("name", "vector"): v}
-    for n, vec in rows.items():
-        print(f"{n}: " + ", ".join(f"{t[1]!r} {t[-1]:.2f}" if tok else f"{t[0]} {t[-1]:.2f}"
-                                   for t in logit_lens(model, vec, args.top, tok)))
+    by_name: dict = {}  # name -> {layer: vector}
+    for path in args.vector:
+        v, meta = load_vector(path)
+        if v.dim() == 2:
+            names = meta.get("names", list(range(v.shape[0])))
+            pick = names if args.name is None else [args.name]
+            rows = {n: v[names.index(n)] for n in pick}
+        else:
+            rows = {meta.get("name", "vector"): v}
+        for n, vec in rows.items():
+            print(f"{n} (layer {meta.get('layer')}): " + ", ".join(
+                f"{t[1]!r} {t[-1]:.2f}" if tok else f"{t[0]} {t[-1]:.2f}" for t in logit_lens(model, vec, args.top, tok)))
+            by_name.setdefault(str(n), {})[int(meta.get("layer", -1))] = vec
+    if not args.out:
+        return 0
+    token_ids = _chosen_tokens(args, tok)
+    if token_ids is None:
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lens = {n: logit_lens_by_layer(model, layers, token_ids) for n, layers in by_name.items()}
+    (out / "lens.json").write_text(json.dumps(lens, indent=1))
+    try:
+        for i, (n, res) in enumerate(lens.items()):
+            plot_logit_lens_by_layer(res, out / ("lens.png" if i == 0 else f"lens_{n}.png"),
+                                     title=f"logit lens of {n!r} at each layer")
+    except ImportError as e:
+        print(f"note: {e}; wrote {out / 'lens.json'} only", file=sys.stderr)
+    print(f"per-layer logit lens of {', '.join(lens)} -> {out / 'lens.json'}")
     return 0
 
 
 def _sweep(args) -> int:
     from .activations import layer_activations
-    from .analysis import baselines, emission_sweep, save_sweep, token_ids_for
+    from .analysis import baselines, emission_sweep, save_sweep
     from .spans import read_jsonl
     from .vectors import load_vector, load_vectors, steering_layer
     model, tok, _ = _load(args)
@@ -286,13 +333,9 @@ def _sweep(args) -> int:
     _, meta = load_vector(args.vector[0])
     layer = args.layer if args.layer is not None else steering_layer(int(meta["layer"]), meta.get("point", "output"))
     prompts = [r.ids for r in read_jsonl(args.prompts, tok)]
-    if args.token_ids:
-        token_ids = args.token_ids
-    elif tok is None:
-        print("error: --tokens needs a tokenizer; pass --token-ids", file=sys.stderr)
+    token_ids = _chosen_tokens(args, tok)
+    if token_ids is None:
         return 2
-    else:
-        token_ids = token_ids_for(tok, args.tokens)
     sweep = dict(vectors)
     if not args.no_baselines:
         first = next(iter(vectors.values()))

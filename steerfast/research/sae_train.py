@@ -184,11 +184,14 @@ def purity(pred: torch.Tensor, truth: torch.Tensor) -> float:
 def score_taxonomy(sae: TopKSAE, x: torch.Tensor, sentences: Sequence[str] | None = None, *,
                    judge: Judge | None = None, n_examples: int = 5) -> dict:
     """Automatic scores (fvu, cluster sizes, how many latents are used, the largest cluster's
-    share) and, with a judge, the LLM-judged ones: judge(metric, taxonomy) for each JUDGE_METRICS."""
+    share, the balance of the sizes: `figures.balance`) and, with a judge, the LLM-judged ones: judge(metric, taxonomy) for each JUDGE_METRICS."""
     tax = taxonomy(sae, x, sentences, n_examples)
     sizes = [t["size"] for t in tax]
+    from .figures import balance
+
     out = dict(fvu=fvu(sae, x), sizes=sizes, used=sum(s > 0 for s in sizes),
-               largest_share=max(sizes) / max(1, sum(sizes)), n_latents=sae.n_latents, k=sae.k)
+               largest_share=max(sizes) / max(1, sum(sizes)), balance=balance(sizes), n_latents=sae.n_latents,
+               k=sae.k)
     if judge is not None:
         out["judged"] = {m: float(judge(m, tax)) for m in JUDGE_METRICS}
     return out
