@@ -11,8 +11,9 @@ from .answers import extract_answer, grade, gsm8k_equal, math_equal, normalize_m
 from .data import (BASE_STOP_STRINGS, BASE_TEMPLATE, THINKING_TEMPLATE, Problem, base_prompt, load_problems,
                    thinking_prompt)
 from .metrics import gap_recovered, gap_recovered_paper, wilson_interval
-from .run import (BaseGenerator, Completion, HybridGenerator, ThinkingGenerator, evaluate, init_distributed,
-                  markdown, merge, read_results, summarize, write_summary)
+from .run import (BaseGenerator, Completion, HybridGenerator, ThinkingGenerator, evaluate, init_distributed, merge,
+                  read_results)
+from .summary import markdown, summarize, write_summary
 
 __all__ = ["extract_answer", "grade", "gsm8k_equal", "math_equal", "normalize_math", "parse_number", "strip_thinking",
            "BASE_STOP_STRINGS", "BASE_TEMPLATE", "THINKING_TEMPLATE", "Problem", "base_prompt", "load_problems",

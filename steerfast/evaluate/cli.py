@@ -129,8 +129,8 @@ def run(args) -> int:
 
     from ..errors import SteerfastError
     from . import data
-    from .run import (BaseGenerator, HybridGenerator, ThinkingGenerator, evaluate, init_distributed, markdown,
-                      write_summary)
+    from .run import BaseGenerator, HybridGenerator, ThinkingGenerator, evaluate, init_distributed
+    from .summary import markdown, write_summary
 
     paper = apply_paper_config(args)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
