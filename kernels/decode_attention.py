@@ -14,30 +14,17 @@ is read out of bounds: a length above S is taken as S, and a row of length 0 get
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import bf16_rtne, on_device, triton_interpret
+
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
 _MIN_KEYS_PER_SPLIT = 128
-
-
-@triton.jit
-def _bf16_rtne(x):
-    """fp32 x rounded to the nearest bf16 (ties to even), returned as fp32 (NaN not preserved).
-
-    Used only under TRITON_INTERPRET=1 with bf16 tensors, to make the interpreter compute what the GPU
-    does: its tl.dot multiplies bf16 operands' uint16 storage as integers, and its fp32 -> bf16 cast
-    truncates where the GPU rounds to nearest. So there the operands go to tl.dot as fp32 (exact) and
-    every rounding to bf16 is done here, after which the truncating cast is exact."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -69,7 +56,7 @@ def _decode_attention_kernel(
     SPLIT: tl.constexpr,
     HAS_PREFIX: tl.constexpr,  # keys j < prefix_len from another row (the hybrid's candidate rows)
     DOT_PRECISION: tl.constexpr,
-    INTERP_BF16: tl.constexpr,  # bf16 under TRITON_INTERPRET=1: see _bf16_rtne
+    INTERP_BF16: tl.constexpr,  # bf16 under TRITON_INTERPRET=1: see bf16_rtne
 ):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
@@ -126,7 +113,7 @@ def _decode_attention_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if INTERP_BF16:
-            p_v = _bf16_rtne(p)
+            p_v = bf16_rtne(p)
             v = v.to(tl.float32)
         else:
             p_v = p.to(v.dtype)  # 16-bit probabilities for the tensor-core product, as flash-attn does
@@ -142,7 +129,7 @@ def _decode_attention_kernel(
     else:
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         if INTERP_BF16:
-            out = _bf16_rtne(out)
+            out = bf16_rtne(out)
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
 
@@ -180,13 +167,8 @@ def _decode_attention_combine_kernel(
     l_sum = tl.sum(l * w, axis=0)
     out = tl.sum(acc * w[:, None], axis=0) / tl.where(l_sum > 0.0, l_sum, 1.0)  # [BLOCK_D]
     if INTERP_BF16:
-        out = _bf16_rtne(out)
+        out = bf16_rtne(out)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
-
-
-def _on_device(device):
-    """Triton launches on the current CUDA device: make it the tensors' one."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @functools.cache
@@ -233,7 +215,7 @@ def decode_attention(q, k_cache, v_cache, seq_lens, scale, num_splits=None, rows
     if num_splits is None:
         num_splits = choose_num_splits(B, Hkv, S, q.device)
     assert 1 <= num_splits
-    interp_bf16 = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interp_bf16 = q.dtype == torch.bfloat16 and triton_interpret()
     precision = "ieee" if q.dtype == torch.float32 else None  # fp32: no tf32 rounding; 16-bit: the default
 
     out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
@@ -246,7 +228,7 @@ def decode_attention(q, k_cache, v_cache, seq_lens, scale, num_splits=None, rows
         ws_m = ws_l = ws_acc = out  # unused
     if B == 0:
         return out
-    with _on_device(q.device):
+    with on_device(q.device):
         _decode_attention_kernel[(B, Hkv, num_splits)](
             q, k_cache, v_cache, seq_lens, rows, prefix_rows, prefix_lens, out, ws_m, ws_l, ws_acc,
             float(scale) * _LOG2E, S, num_splits,

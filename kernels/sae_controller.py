@@ -17,11 +17,12 @@ not range-checked (a precondition, as for the reference's indexing).
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import on_device
 
 from .topk_sae_encode import _EMPTY, _pack_keys, _sae_preact_tile, _unpack_keys
 
@@ -64,11 +65,6 @@ def _sae_controller_kernel(
     tl.store(value_ptr + rows, value, mask=row_mask)
 
 
-def _on_device(device):
-    """Triton launches on the current CUDA device: make it the tensors' one."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def plan(B: int, n: int) -> dict:
     """Block sizes from shapes (host-side), as the GEMV form of `topk_sae_encode`: W_enc tiles of 4096
     elements (two in flight), an fp32 accumulator of <= 8192 (~140 registers a thread at 8 warps)."""
@@ -100,7 +96,7 @@ def sae_controller(x, W_enc, b_enc, b_dec, cat_map, threshold, cat_coef):
     if B == 0:
         return category, coef, latent, value
     p = plan(B, n)
-    with _on_device(dev):
+    with on_device(dev):
         _sae_controller_kernel[(triton.cdiv(B, p["BLOCK_M"]),)](
             x, W_enc, b_enc, b_dec, cat_map, cat_coef, category, coef, latent, value,
             float(threshold), B, d, n, cat_coef.shape[0],

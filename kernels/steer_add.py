@@ -11,21 +11,12 @@ the dtype, as the unfused add), then steered, in one pass (`steerfast.ops.steer_
 """
 from __future__ import annotations
 
-import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _bf16_rtne(x):
-    """fp32 x rounded to the nearest bf16 (ties to even), as fp32. Only under TRITON_INTERPRET=1, whose
-    fp32 -> bf16 cast truncates where the GPU rounds to nearest (then the truncating cast is exact)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
+from ._common import bf16_rtne, on_device, triton_interpret
 
 
 @triton.jit
@@ -54,7 +45,7 @@ def _steer_add_kernel(
     stride_hb, stride_ht,
     HAS_BIAS: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    INTERP_BF16: tl.constexpr,  # bf16 under TRITON_INTERPRET=1: round as the GPU does (_bf16_rtne)
+    INTERP_BF16: tl.constexpr,  # bf16 under TRITON_INTERPRET=1: round as the GPU does (bf16_rtne)
 ):
     row = tl.program_id(0)  # b * T + t
     b = row // T
@@ -67,13 +58,8 @@ def _steer_add_kernel(
     x = tl.load(h_row, mask=mask, other=0.0).to(tl.float32)
     y = x + coef * v
     if INTERP_BF16:
-        y = _bf16_rtne(y)
+        y = bf16_rtne(y)
     tl.store(h_row, y.to(h_ptr.dtype.element_ty), mask=mask)
-
-
-def _on_device(device):
-    """Triton launches on the current CUDA device: make it the tensors' one."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def steer_add_(h, input_pos, start, vectors, idx, coef, bias=None):
@@ -92,12 +78,12 @@ def steer_add_(h, input_pos, start, vectors, idx, coef, bias=None):
         return h
     BLOCK_D = min(1024, triton.next_power_of_2(d))
     grid = (B * T, triton.cdiv(d, BLOCK_D))
-    with _on_device(h.device):
+    with on_device(h.device):
         _steer_add_kernel[grid](
             h, input_pos, start, vectors, idx, coef, vectors if bias is None else bias,
             T, d, h.stride(0), h.stride(1),
             HAS_BIAS=bias is not None, BLOCK_D=BLOCK_D,
-            INTERP_BF16=h.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1",
+            INTERP_BF16=h.dtype == torch.bfloat16 and triton_interpret(),
             num_warps=4 if BLOCK_D >= 512 else 1,
         )
     return h
@@ -117,7 +103,7 @@ def _steer_residual_add_kernel(
     T, d,
     HAS_BIAS: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    INTERP_BF16: tl.constexpr,  # bf16 under TRITON_INTERPRET=1: round as the GPU does (_bf16_rtne)
+    INTERP_BF16: tl.constexpr,  # bf16 under TRITON_INTERPRET=1: round as the GPU does (bf16_rtne)
 ):
     row = tl.program_id(0)  # b * T + t
     b = row // T
@@ -129,7 +115,7 @@ def _steer_residual_add_kernel(
     y = tl.load(y_ptr + row_off, mask=d_mask, other=0.0).to(tl.float32)
     s = x + y
     if INTERP_BF16:
-        s = _bf16_rtne(s)
+        s = bf16_rtne(s)
     s = s.to(out_ptr.dtype.element_ty)  # rounded as the unfused `x + y` is: unsteered rows match it exactly
 
     # an unsteered row reads no vector
@@ -137,7 +123,7 @@ def _steer_residual_add_kernel(
                                     HAS_BIAS)
     r = s.to(tl.float32) + coef * v
     if INTERP_BF16:
-        r = _bf16_rtne(r)
+        r = bf16_rtne(r)
     tl.store(out_ptr + row_off, tl.where(steered, r.to(out_ptr.dtype.element_ty), s), mask=d_mask)
 
 
@@ -158,12 +144,12 @@ def steer_residual_add(x, y, input_pos, start, vectors, idx, coef, bias=None):
         return out
     BLOCK_D = min(1024, triton.next_power_of_2(d))
     grid = (B * T, triton.cdiv(d, BLOCK_D))
-    with _on_device(x.device):
+    with on_device(x.device):
         _steer_residual_add_kernel[grid](
             out, x, y, input_pos, start, vectors, idx, coef, vectors if bias is None else bias,
             T, d,
             HAS_BIAS=bias is not None, BLOCK_D=BLOCK_D,
-            INTERP_BF16=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1",
+            INTERP_BF16=x.dtype == torch.bfloat16 and triton_interpret(),
             num_warps=4 if BLOCK_D >= 512 else 1,
         )
     return out

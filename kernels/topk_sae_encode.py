@@ -43,12 +43,12 @@ it fewer, wider chunks (`plan(interpret=True)`), the same kernels.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import on_device, triton_interpret
 
 _EMPTY = tl.constexpr(-(2 ** 63))  # INT64_MIN: padding and removed entries, below every real key
 _GEMV_MAX_ROWS = 4  # B up to this: GEMV form (one program per row tile of next_pow2(B) rows)
@@ -231,11 +231,6 @@ def _topk_sae_merge_kernel(
         heads = tl.where(won, nxt, heads)
 
 
-def _on_device(device):
-    """Triton launches on the current CUDA device: make it the tensors' one."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def plan(B: int, n: int, k: int, elem_size: int = 2, interpret: bool = False) -> dict:
     """Block sizes and workspace shape, from shapes only (host-side, no sync)."""
     kp = triton.next_power_of_2(k)
@@ -282,7 +277,7 @@ def topk_sae_encode(x, W_enc, b_enc, b_dec, k, relu=False):
     indices = torch.empty((B, k), dtype=torch.int64, device=x.device)
     if B == 0:
         return values, indices
-    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interp = triton_interpret()
     p = plan(B, n, k, x.element_size(), interp)
     single = p["n_chunks"] == 1
     if single:
@@ -291,7 +286,7 @@ def topk_sae_encode(x, W_enc, b_enc, b_dec, k, relu=False):
     else:
         C = p["C"]
         ws = torch.empty((B, p["n_chunks"], C), dtype=torch.int64, device=x.device)
-    with _on_device(x.device):
+    with on_device(x.device):
         _topk_sae_encode_kernel[(triton.cdiv(B, p["BLOCK_M"]), p["n_chunks"])](
             x, W_enc, b_enc, b_dec, ws, values, indices,
             B, d, n, C, p["n_chunks"],
