@@ -1,8 +1,9 @@
-"""`python -m bench <subcommand>`: see bench/__init__.py.
+"""steerfast benchmarks, run from the repository root. Results go to bench/out/<name>.json.
 
-To add a subcommand (e.g. `kernels`, `hybrid`): write bench/<name>.py with a module docstring,
-`add_arguments(parser)` and `run(args) -> int`, and add its name to SUBCOMMANDS.
+On a GPU machine, after the install, start with `python -m bench check`.
 """
+# A subcommand is bench/<name>.py with a module docstring, add_arguments(parser) and run(args) -> int,
+# listed in SUBCOMMANDS.
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
+    "check": "after a GPU install: GPU tests, memcheck and short benches, one pass/fail table (~5 min)",
     "decode": "decode throughput and latency: steerfast vs HF transformers vs the bandwidth floor",
     "kernels": "SAE encode / controller kernels per backend vs cuBLAS+topk and copy bandwidth; steering overhead",
     "hybrid": "sf.Hybrid (base + thinking model, SAE-gated steering) vs a naive transformers hybrid and the paper's loop",

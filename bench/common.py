@@ -33,6 +33,22 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """--device as a torch.device with an index on CUDA ("cuda" -> the current one): set_device,
+    events and memory queries refuse an index-less CUDA device."""
+    device = torch.device(name or default_device())
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def error_record(e: BaseException) -> dict:
+    """An exception as a bench records it: the one-line error, and the traceback for the JSON."""
+    import traceback
+
+    return dict(error=f"{type(e).__name__}: {e}".strip(), traceback=traceback.format_exc(limit=12))
+
+
 # ---------------------------------------------------------------- timing
 def sync(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":

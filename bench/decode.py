@@ -219,7 +219,7 @@ def run(args) -> int:
     import steerfast as sf
 
     transformers.logging.set_verbosity_error()
-    device = torch.device(args.device or common.default_device())
+    device = common.resolve_device(args.device)
     cuda = device.type == "cuda"
     dtype = common.DTYPES[args.dtype]
     models = args.models or common.str_list(CUDA_MODELS if cuda else CPU_MODELS)
@@ -254,11 +254,12 @@ def run(args) -> int:
         print(f"\n{name}: built in {doc['models'][name]['build_s']:.1f} s ({m.args.n_layers} layers, "
               f"dim {m.args.dim}, CUDA graphs {'off' if m.eager else 'on'})", flush=True)
         for batch in batches:
+            m.release()  # each batch starts from fresh caches and graphs: an earlier one cannot break it
+            common.free_memory(device)
             try:
                 r = bench_one(m, None if args.no_hf else hf, name, batch, args, P, N, H, bw, device)
             except Exception as e:  # noqa: BLE001 -- an unattended run records the failure and goes on
-                common.free_memory(device)
-                r = dict(model=name, batch=batch, error=f"{type(e).__name__}: {e}")
+                r = dict(model=name, batch=batch, **common.error_record(e))
                 print(f"  batch {batch}: ERROR {r['error']}", flush=True)
             else:
                 row = table_row(r)

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import traceback
 
 import torch
 
@@ -318,10 +317,6 @@ def gate_name(gate) -> str:
     return gate if isinstance(gate, str) else f"{gate:g}"
 
 
-def err_record(e: BaseException) -> dict:
-    return dict(error=f"{type(e).__name__}: {e}".strip(), traceback=traceback.format_exc(limit=8))
-
-
 # ---------------------------------------------------------------- sections
 def bench_steerfast(h, bp, tp, N: int, warm: int, device) -> dict:
     kw = dict(eos_token_id=None)
@@ -443,7 +438,7 @@ def run(args) -> int:
     import steerfast as sf
 
     transformers.logging.set_verbosity_error()
-    device = torch.device(args.device or common.default_device())
+    device = common.resolve_device(args.device)
     cuda = device.type == "cuda"
     if not cuda:
         torch.set_num_threads(args.cpu_threads)
@@ -479,7 +474,7 @@ def run(args) -> int:
         print(f"models built in {doc['models']['build_s']:.1f} s ({base.args.n_layers} layers, dim {base.args.dim}, "
               f"vocab {base.args.vocab_size})", flush=True)
     except Exception as e:  # noqa: BLE001 -- nothing else can run; record it
-        doc["errors"].append(dict(section="build", **err_record(e)))
+        doc["errors"].append(dict(section="build", **common.error_record(e)))
         print(f"ERROR building the models: {doc['errors'][-1]['error']}")
         save()
         return 1
@@ -506,21 +501,21 @@ def run(args) -> int:
                 for gate in gates:
                     key = dict(impl="steerfast", config=cfg_name, batch=B, gate=gate_name(gate),
                                grid_size=len(cfg["coefs"]) * len(cfg["windows"]), new_tokens=s["new_tokens"])
+                    h = None
                     try:
                         sae, vectors, bias = ctl
                         h = sf.Hybrid(base, think, sae, vectors, bias, sae_layer=s["sae_layer"],
                                       steer_layer=s["steer_layer"], coefs=cfg["coefs"], windows=cfg["windows"],
                                       gate=gate)
                         rec = dict(key, **bench_steerfast(h, *prompts[B], s["new_tokens"], s["warmup_tokens"], device))
-                        del h
                     except Exception as e:  # noqa: BLE001 -- an unattended run records the failure and goes on
-                        rec = dict(key, **err_record(e))
+                        rec = dict(key, **common.error_record(e))
+                    finally:  # each case starts from fresh caches and graphs: an earlier one cannot break it
+                        h = None
+                        for m in (base, think):
+                            m.release()
                         common.free_memory(device)
                     record(rec, f"config {cfg_name} batch {B} gate {gate_name(gate)}")
-        for m in (base, think):  # the caches (with the hybrid's scratch rows) are not needed again
-            m.net.kv = None
-            m._graphs.clear()
-        common.free_memory(device)
 
     # ---- floor
     if "floor" in s["sections"]:
@@ -528,7 +523,7 @@ def run(args) -> int:
             try:
                 doc["floor"].append(bench_floor(base, think, s, B, bw))
             except Exception as e:  # noqa: BLE001
-                doc["floor"].append(dict(batch=B, **err_record(e)))
+                doc["floor"].append(dict(batch=B, **common.error_record(e)))
         save()
     del base, think
     common.free_memory(device)
@@ -549,7 +544,7 @@ def run(args) -> int:
                     try:
                         rec = dict(key, **bench_naive(hf_b, hf_t, ctl, s, cfg, *prompts[B], gate, device))
                     except Exception as e:  # noqa: BLE001
-                        rec = dict(key, **err_record(e))
+                        rec = dict(key, **common.error_record(e))
                     common.free_memory(device)
                     record(rec, f"config {cfg_name} batch {B} gate {gate_name(gate)}")
 
@@ -572,7 +567,7 @@ def run(args) -> int:
                       f"({p['grid_size']} candidates, share {p['steered_run']['steered_share']:.2f} in its run)",
                       flush=True)
             except Exception as e:  # noqa: BLE001
-                p = dict(config=cfg_name, **err_record(e))
+                p = dict(config=cfg_name, **common.error_record(e))
                 print(f"  config {cfg_name}: ERROR {p['error']}", flush=True)
             doc["paper"].append(p)
             common.free_memory(device)

@@ -592,7 +592,7 @@ def make_emit(section: str, backend: str, records: list, save=None):
 
 def run_worker(args) -> int:
     section, backend = args.worker
-    device = torch.device(args.device or common.default_device())
+    device = common.resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # torch.cuda._sleep and the events use the current device
     s = settings(args, device)
@@ -633,7 +633,7 @@ def run_child(args, section: str, backend: str, tmpdir: str) -> tuple[list[dict]
 def run(args) -> int:
     if args.worker:
         return run_worker(args)
-    device = torch.device(args.device or common.default_device())
+    device = common.resolve_device(args.device)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)

@@ -123,3 +123,39 @@ def test_bench_hybrid_cpu_smoke(tmp_path):
         assert row["sf_tok_s"] > 0 and row["naive_tok_s"] > 0 and row["vs_naive"] > 0
         assert row["paper_tok_s"] > 0 and row["vs_paper"] > 0 and row["pct_floor"] > 0
     assert [t["checked"] for t in d["targets"]] == [False, False]
+
+
+def test_bench_check_without_a_gpu_says_so_in_one_line():
+    env = {k: v for k, v in __import__("os").environ.items()}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    r = subprocess.run([sys.executable, "-m", "bench", "check"], cwd=REPO_ROOT, capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().count("\n") == 0 and "no CUDA GPU" in r.stdout
+
+
+def test_bench_check_step_reports_failing_tests_and_goes_on(tmp_path):
+    """A check step's record: failing test names with their first error line from pytest's JUnit XML,
+    a timeout reported as a failure, and the decode headline figures read from the bench's JSON."""
+    from bench import check
+
+    (tmp_path / "test_x.py").write_text(
+        "def test_ok():\n    pass\n\ndef test_bad():\n    assert 1 + 1 == 3, 'arithmetic broke'\n")
+    junit = tmp_path / "j.xml"
+    step = dict(name="t", timeout=60, junit=junit,
+                cmd=[sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_x.py"),
+                     f"--junitxml={junit}"])
+    rec = check.run_step(step, scale=1.0)
+    assert rec["status"] == "failed" and rec["rc"] == 1
+    assert [f["test"].split("::")[-1] for f in rec["failures"]] == ["test_bad"]
+    assert "arithmetic broke" in rec["failures"][0]["error"]
+    slow = check.run_step(dict(name="s", timeout=0.5, cmd=[sys.executable, "-c", "import time; time.sleep(5)"]), 1.0)
+    assert slow["status"] == "failed" and "timed out" in slow["detail"]
+
+    out = tmp_path / "d.json"
+    dec = check.run_step(dict(name="decode", timeout=120, json=out, cmd=[
+        sys.executable, "-m", "bench", "decode", "--device", "cpu", "--models", "tiny", "--batches", "1",
+        "--new-tokens", "4", "--prompt-len", "4", "--no-hf", "--out", str(out)]), 1.0)
+    assert dec["status"] == "passed", dec["output_tail"]
+    (row,) = check.headlines([dec])
+    assert row["what"] == "decode tiny batch 1" and "tok/s" in row["value"] and "% of floor" in row["value"]

@@ -1,0 +1,170 @@
+"""The one command a GPU machine runs after the install: does everything work, and how fast is it?
+
+  python -m bench check            (about 5 minutes on one H100/H200; writes bench/out/check.json)
+
+Each step runs in its own process under its own time limit, and a failure never stops the rest:
+  gpu-tests   python -m pytest -m gpu (pytest-xdist's -n when it is installed)
+  memcheck    compute-sanitizer --tool memcheck over the CUDA-backend op tests (when on PATH)
+  decode      bench decode, short: Qwen2.5-1.5B at batch 1 and 16, Llama-3.1-8B at batch 1
+  kernels     bench kernels, short
+  hybrid      bench hybrid, short: windows [-1] and the paper's grid at batch 1 and 16
+Then one table: each step passed/failed with the failing test names and the first line of each
+error, and the headline figures (tok/s and % of the floor per preset and batch, hybrid tok/s).
+Without a GPU it says so in one line and exits 0.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from . import common
+
+OUT = common.REPO_ROOT / "bench" / "out"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--out", default=str(OUT / "check.json"))
+    p.add_argument("--only", type=common.str_list, default=None,
+                   help="comma-separated steps to run (gpu-tests, memcheck, decode, kernels, hybrid)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every step's time limit")
+
+
+def steps(out_dir: Path) -> list[dict]:
+    py = sys.executable
+    xdist = _has_module("xdist")
+    return [
+        dict(name="gpu-tests", timeout=90, junit=out_dir / "check-gpu-tests.xml",
+             cmd=[py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+                  *(["-n", str(min(8, os.cpu_count() or 1))] if xdist else []),
+                  f"--junitxml={out_dir / 'check-gpu-tests.xml'}"]),
+        dict(name="memcheck", timeout=40, junit=out_dir / "check-memcheck.xml", needs="compute-sanitizer",
+             cmd=["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "99", py, "-m", "pytest", "-q",
+                  "-p", "no:cacheprovider", "-o", "addopts=", "-k", "cuda and not large",
+                  f"--junitxml={out_dir / 'check-memcheck.xml'}",
+                  "tests/test_ops.py", "tests/test_sae_ops.py"]),
+        dict(name="decode", timeout=50, json=out_dir / "check-decode.json",
+             cmd=[py, "-m", "bench", "decode", "--models", "qwen2.5-1.5b", "--batches", "1,16", "--new-tokens", "64",
+                  "--no-hf", "--out", str(out_dir / "check-decode.json")]),
+        dict(name="decode-8b", timeout=35, json=out_dir / "check-decode-8b.json",
+             cmd=[py, "-m", "bench", "decode", "--models", "llama-3.1-8b", "--batches", "1", "--new-tokens", "64",
+                  "--no-hf", "--out", str(out_dir / "check-decode-8b.json")]),
+        dict(name="kernels", timeout=30, json=out_dir / "check-kernels.json",
+             cmd=[py, "-m", "bench", "kernels", "--reps", "20", "--steer-reps", "2", "--steer-new-tokens", "16",
+                  "--out", str(out_dir / "check-kernels.json")]),
+        dict(name="hybrid", timeout=45, json=out_dir / "check-hybrid.json",
+             cmd=[py, "-m", "bench", "hybrid", "--sections", "steerfast,floor", "--batches", "1,16",
+                  "--new-tokens", "32", "--out", str(out_dir / "check-hybrid.json")]),
+    ]
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def run_step(step: dict, scale: float) -> dict:
+    rec = dict(name=step["name"], command=" ".join(map(str, step["cmd"])))
+    if step.get("needs") and shutil.which(step["needs"]) is None:
+        return dict(rec, status="skipped", detail=f"{step['needs']} is not on PATH")
+    for f in (step.get("junit"), step.get("json")):
+        if f is not None and Path(f).exists():
+            Path(f).unlink()  # a stale file must not pass for this run's result
+    limit = step["timeout"] * scale
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(step["cmd"], cwd=common.REPO_ROOT, capture_output=True, text=True, timeout=limit)
+        rc, out = p.returncode, p.stdout + p.stderr
+    except subprocess.TimeoutExpired as e:
+        rc = None
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+    rec.update(wall_s=round(time.perf_counter() - t0, 1), rc=rc, output_tail=out[-6000:])
+    failures = junit_failures(step["junit"]) if step.get("junit") else []
+    rec["failures"] = failures
+    if rc is None:
+        rec.update(status="failed", detail=f"timed out after {limit:.0f} s")
+    elif rc == 0 and not failures:
+        rec.update(status="passed", detail="")
+    else:
+        first = next((ln for ln in reversed(out.strip().splitlines()) if ln.strip()), "")
+        rec.update(status="failed", detail=f"exit {rc}" + (f": {first[:200]}" if not failures else ""))
+    if step.get("json") and Path(step["json"]).exists():
+        rec["result"] = json.loads(Path(step["json"]).read_text())
+    return rec
+
+
+def junit_failures(path: Path) -> list[dict]:
+    """Failed or errored tests in a JUnit XML file: name and the first line of the error."""
+    if not Path(path).exists():
+        return []
+    out = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        for tag in ("failure", "error"):
+            el = case.find(tag)
+            if el is not None:
+                msg = (el.get("message") or el.text or "").strip().splitlines()
+                out.append(dict(test=f"{case.get('classname')}::{case.get('name')}", error=msg[0][:200] if msg else tag))
+    return out
+
+
+def headlines(results: list[dict]) -> list[dict]:
+    """tok/s and % of the floor per preset and batch (decode), tok/s per configuration (hybrid)."""
+    rows = []
+    for rec in results:
+        doc = rec.get("result") or {}
+        if doc.get("bench") == "decode":
+            for r in doc.get("results", []):
+                if "error" in r:
+                    rows.append(dict(what=f"decode {r['model']} batch {r['batch']}", value="error"))
+                    continue
+                rows.append(dict(what=f"decode {r['model']} batch {r['batch']}",
+                                 value=f"{r['steerfast']['tokens_per_s']:.0f} tok/s, "
+                                       f"{100 * r['fraction_of_floor']:.1f}% of floor"))
+        elif doc.get("bench") == "hybrid":
+            for r in doc.get("summary", []):
+                v = r.get("sf_tok_s")
+                rows.append(dict(what=f"hybrid config {r.get('config')} batch {r.get('batch')} gate {r.get('gate')}",
+                                 value="error" if v is None else f"{v:.0f} tok/s"))
+    return rows
+
+
+def run(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench check: no CUDA GPU is visible (torch.cuda.is_available() is False); nothing to check.")
+        return 0
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    todo = [s for s in steps(out_path.parent) if args.only is None or s["name"] in args.only]
+    env = common.environment(common.resolve_device(None), torch.bfloat16, getattr(args, "argv", ["check"]))
+    print(f"bench check on {env['device_name']} | torch {env['torch']} | triton {env['triton']} | "
+          f"commit {(env['git_commit'] or '?')[:10]}", flush=True)
+    results = []
+    doc = dict(bench="check", env=env, steps=results)
+    for step in todo:
+        print(f"  {step['name']} ...", end=" ", flush=True)
+        rec = run_step(step, args.scale)
+        results.append(rec)
+        print(f"{rec['status']} ({rec.get('wall_s', 0)} s)", flush=True)
+        common.write_json(out_path, doc)  # after every step: a later crash loses nothing
+    doc["headlines"] = headlines(results)
+    common.write_json(out_path, doc)
+    print()
+    print(common.format_table([dict(step=r["name"], status=r["status"], wall=r.get("wall_s"), detail=r["detail"])
+                               for r in results],
+                              [("step", "check"), ("status", "status"), ("wall", "s"), ("detail", "detail")]))
+    for r in results:
+        for f in r.get("failures", []):
+            print(f"  FAILED {f['test']}: {f['error']}")
+    if doc["headlines"]:
+        print()
+        print(common.format_table(doc["headlines"], [("what", "figure"), ("value", "measured")]))
+    print(f"\nwrote {out_path}")
+    return 0 if all(r["status"] != "failed" for r in results) else 1

@@ -1,0 +1,74 @@
+"""Every GPU path that must work in one process, for real (`-m gpu`): recapture after cache growth
+and new buckets, two models and two hybrids holding graphs at once, the hybrid's fast path and the
+paper's grid under all three gates at batch 1 and 16, per-row steering; graph replay equal to eager.
+tests/test_graphs.py checks the same lifecycle on the CPU against a model of the allocator."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import steerfast as sf
+from tiny_models import random_prompts, tiny_hf
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+VOCAB = 11
+
+
+def _models(hf, **kw):
+    """(graphed, eager) steerfast models of one transformers model, float32 on the GPU."""
+    return [sf.load_model(hf, device="cuda", dtype=torch.float32, eager=e, **kw) for e in (False, True)]
+
+
+def test_decode_batches_1_16_64_1_with_growing_lengths_recapture_and_equal_eager(seed):
+    hf = tiny_hf("qwen2", n_heads=6, n_kv_heads=2, dtype=torch.float32, max_pos=2048).cuda()
+    graphed, eager = _models(hf, max_seq_len=2048)
+    for B, n in [(1, 16), (16, 40), (64, 300), (1, 600)]:  # new buckets; 300 and 600 grow the cache
+        prompts = random_prompts(torch.randint(1, 40, (B,)).tolist())
+        out = graphed.generate(prompts, n, eos_token_id=None)
+        assert out == eager.generate(prompts, n, eos_token_id=None)
+        vec = torch.randn(B, hf.config.hidden_size, device="cuda")  # per-row vectors
+        for positions in ("all", "generated"):
+            st = sf.Steering(vec, layer=1, coef=2.0, positions=positions)
+            assert graphed.generate(prompts, n, eos_token_id=None, steering=st) == \
+                eager.generate(prompts, n, eos_token_id=None, steering=st)
+    assert len(graphed.graphs) > 0
+
+
+def test_two_models_hold_graphs_at_once_and_survive_each_others_release(seed):
+    a = _models(tiny_hf("llama", dtype=torch.float32).cuda())
+    b = _models(tiny_hf("qwen2", dtype=torch.float32).cuda())
+    p = random_prompts([5, 17, 3])
+    want = [m[1].generate(p, 30, eos_token_id=None) for m in (a, b)]
+    for _ in range(2):
+        assert [m[0].generate(p, 30, eos_token_id=None) for m in (a, b)] == want
+        a[0].release()  # b's graphs and pool are untouched; a recaptures into a fresh pool
+    torch.cuda.synchronize()
+
+
+def _hybrid_parts():
+    hf_b = tiny_hf("llama", n_heads=4, n_kv_heads=2, head_dim=16, layers=3, vocab=VOCAB, dtype=torch.float32).cuda()
+    hf_t = tiny_hf("qwen2", n_heads=6, n_kv_heads=2, head_dim=16, layers=3, vocab=VOCAB, dtype=torch.float32).cuda()
+    n = 5
+    sae = sf.TopKSAE(W_enc=torch.randn(96, n), b_enc=torch.randn(n), W_dec=torch.randn(n, 96), b_dec=torch.randn(96),
+                     k=1).to("cuda", torch.float32)
+    return hf_b, hf_t, (sae, torch.randn(n, 64, device="cuda"), 0.3 * torch.randn(64, device="cuda"))
+
+
+@pytest.mark.parametrize("windows", [[-1], [0, -1, -15]], ids=["fast-path", "paper-grid"])
+@pytest.mark.parametrize("gate", ["thinking", "controller", 0.12])
+def test_hybrid_at_batch_1_and_16_graphed_equals_eager(windows, gate, seed):
+    hf_b, hf_t, (sae, vectors, bias) = _hybrid_parts()
+    (gb, eb), (gt, et) = _models(hf_b), _models(hf_t)
+    kw = dict(sae_layer=1, steer_layer=1, coefs=[0.5, 2.0, 6.0], windows=windows, gate=gate)
+    graphed = [sf.Hybrid(gb, gt, sae, vectors, bias, **kw) for _ in range(2)]  # two hybrids over one pair
+    eager = sf.Hybrid(eb, et, sae, vectors, bias, **kw)
+    for B in (1, 16, 1):
+        bp = random_prompts(torch.randint(3, 30, (B,)).tolist(), VOCAB)
+        tp = random_prompts(torch.randint(3, 30, (B,)).tolist(), VOCAB)
+        want = eager.generate(bp, tp, 40, eos_token_id=None)
+        for h in graphed:
+            got = h.generate(bp, tp, 40, eos_token_id=None)
+            assert (got.tokens, got.steered, got.category, got.coef, got.window) == \
+                (want.tokens, want.steered, want.category, want.coef, want.window)
+    torch.cuda.synchronize()
