@@ -130,7 +130,7 @@ setup(
     ],
     # the build tests make a wheel without build isolation: they need the build requirements at hand
     extras_require={"test": ["pytest", "pytest-benchmark", "setuptools>=64", "wheel", "pybind11>=2.12", "pyarrow",
-                             "matplotlib",
+                             "matplotlib", "pytest-xdist",
                              "kernels"],  # Hugging Face's: proves kernels/ cannot shadow it from the repo root
                     "flash": ["flash-attn"],
                     "eval": ["pyarrow"],  # parquet problem files
