@@ -158,8 +158,7 @@ def _load_tokenizer(path: str, required: bool):
 
 def _generate(args) -> int:
     import steerfast as sf
-    from steerfast.errors import SequenceTooLongError
-    from steerfast.presets import random_hf_model
+    from steerfast.presets import SHAPES, random_hf_model
 
     from .progress import bar, enabled
 
@@ -169,34 +168,35 @@ def _generate(args) -> int:
     if not sampling and (args.top_k is not None or args.top_p is not None):
         raise UsageError("--top-k / --top-p filter sampling: they need --temperature > 0 (0 is greedy)")
     # an explicit --tokenizer is checked before minutes of model building; --model's own is optional
-    tokenizer = _load_tokenizer(args.tokenizer, required=True) if args.tokenizer else None
-    if args.prompt is not None and tokenizer is None and not args.model:
-        raise UsageError("--prompt needs a tokenizer: pass --tokenizer DIR, or use --prompt-ids")
+    # everything that can be checked without the model first: building or loading one takes minutes
+    tokenizer = (_load_tokenizer(args.tokenizer, required=True) if args.tokenizer else
+                 _load_tokenizer(args.model, required=False) if args.model else None)
+    if args.prompt is not None:
+        if tokenizer is None:
+            where = f"--model {args.model} holds none" if args.model else "none was given"
+            raise UsageError(f"--prompt needs a tokenizer ({where}): pass --tokenizer DIR, or use --prompt-ids")
+        prompt, source = tokenizer(args.prompt)["input_ids"], "--prompt (tokenized)"
+    else:
+        prompt, source = args.prompt_ids or list(range(1, 9)), "--prompt-ids"
+    if not prompt:
+        raise UsageError(f"{source}: the prompt has no tokens")
+    vocab = None if args.model else SHAPES[args.random]["vocab_size"]
+    if vocab is not None and max(prompt) >= vocab:
+        raise UsageError(f"{source}: token id {max(prompt)} is outside the {args.random} preset's vocabulary [0, {vocab})")
+    if len(prompt) + args.max_new_tokens > args.max_seq_len:
+        raise UsageError(f"--max-seq-len {args.max_seq_len} is too short: the prompt's {len(prompt)} tokens and "
+                         f"--max-new-tokens {args.max_new_tokens} need {len(prompt) + args.max_new_tokens}")
     if args.model:
         with flag_context("--model"):  # the loader's messages name the path
             m = sf.load_model(args.model, device=device, dtype=dtype, max_seq_len=args.max_seq_len)
-        tokenizer = tokenizer or _load_tokenizer(args.model, required=False)
     else:
         m = sf.load_model(random_hf_model(args.random, device=device, dtype=dtype), device=device, dtype=dtype,
                           max_seq_len=args.max_seq_len)
-    if args.prompt is not None:
-        if tokenizer is None:
-            raise UsageError(f"--prompt needs a tokenizer and --model {args.model} holds none: pass --tokenizer "
-                             "DIR, or use --prompt-ids")
-        prompt, source = tokenizer(args.prompt, add_special_tokens=True)["input_ids"], "--prompt (tokenized)"
-    else:
-        prompt, source = args.prompt_ids or list(range(1, 9)), "--prompt-ids"
     vocab = m.args.vocab_size
-    if not prompt:
-        raise UsageError(f"{source}: the prompt has no tokens")
-    if any(t >= vocab for t in prompt):
+    if max(prompt) >= vocab:
         raise UsageError(f"{source}: token id {max(prompt)} is outside this model's vocabulary [0, {vocab})")
     prompts = [prompt] * args.batch
-    try:  # the user's numbers, before the short warm-up below could report its own
-        m.check_prompts(prompts, args.max_new_tokens)
-    except SequenceTooLongError:
-        raise UsageError(f"--max-seq-len {m.max_seq_len} is too short: the prompt's {len(prompt)} tokens and "
-                         f"--max-new-tokens {args.max_new_tokens} need {len(prompt) + args.max_new_tokens}") from None
+    m.check_prompts(prompts, args.max_new_tokens)  # with the user's numbers, before the warm-up's own
     stops = set(m.args.eos_token_ids) if args.stop_at_eos else set()
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               seed=args.seed, eos_token_id="default" if args.stop_at_eos else None)
