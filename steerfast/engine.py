@@ -8,6 +8,7 @@ when every row has finished (and to see whether steering drove the activations n
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -16,7 +17,7 @@ import torch
 from .errors import (InsufficientMemoryError, InvalidInputError, NonFiniteError, SequenceTooLongError,
                      TokenOutOfRangeError)
 from .graphs import GraphRunner
-from .model import Context, Steer, Transformer
+from .model import Context, LayerwiseKVCache, Steer, Transformer
 from .sampling import sample
 from .steering import Steering
 
@@ -74,6 +75,18 @@ class Model:
     def cache_len(self) -> int:
         """Positions the KV cache holds now (0 before the first generate)."""
         return 0 if self.net.kv is None else self.net.kv.max_seq_len
+
+    @contextmanager
+    def autograd_cache(self, batch: int, seq_len: int):
+        """Inside: forwards write a fresh per-layer cache that autograd can differentiate through
+        (research code training vectors); outside, the model's own cache is back, untouched."""
+        self.ensure_cache(batch, seq_len)  # RoPE tables for seq_len positions
+        a, saved = self.args, self.net.kv
+        self.net.kv = LayerwiseKVCache(a.n_layers, batch, seq_len, a.n_kv_heads, a.head_dim, self.dtype, self.device)
+        try:
+            yield
+        finally:
+            self.net.kv = saved
 
     def release(self):
         """Free the step graphs and the KV cache (the next generate makes them again)."""

@@ -75,6 +75,15 @@ class HybridResult:
             out.append(_mark(decode(span), span_cat, names))
         return "".join(out)
 
+    def to_html(self, i: int, path=None, decode=None, names: Sequence[str] | None = None):
+        """Problem i as a self-contained HTML page (the paper's Figure 3: steered spans by category,
+        coefficient and window on hover, a legend): the page's text, or written to path (returned)."""
+        from .trace_html import render_trace_html, write_trace_html
+
+        if path is None:
+            return render_trace_html(self, i, decode, names)
+        return write_trace_html(self, i, path, decode, names)
+
 
 def _mark(text, cat, names):
     if cat is None:

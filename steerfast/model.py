@@ -67,6 +67,19 @@ class KVCache(nn.Module):
         return self.k.shape[2]
 
 
+class LayerwiseKVCache(nn.Module):
+    """One K/V buffer per layer, [max_batch, max_seq_len, n_kv_heads, head_dim] each, for forwards that
+    autograd differentiates: in KVCache every layer writes into one buffer whose version bump would
+    invalidate the earlier layers' saved views (Model.autograd_cache)."""
+
+    def __init__(self, n_layers, max_batch, max_seq_len, n_kv_heads, head_dim, dtype, device):
+        super().__init__()
+        self.k = [torch.zeros(max_batch, max_seq_len, n_kv_heads, head_dim, dtype=dtype, device=device)
+                  for _ in range(n_layers)]
+        self.v = [torch.zeros_like(t) for t in self.k]
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()

@@ -129,8 +129,6 @@ def test_the_page_renders_in_headless_chromium(tmp_path):
 
 
 def test_hybrid_result_to_html(tmp_path):
-    if not hasattr(HybridResult, "to_html"):
-        pytest.skip("HybridResult.to_html is not there yet (steerfast/hybrid.py)")
     tok = make_tokenizer()
     res = random_result(tok, n_problems=2)
     decode = lambda ids: tok.decode(ids)  # noqa: E731

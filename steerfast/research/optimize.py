@@ -12,12 +12,11 @@ The paper's code steers the target tokens' own positions instead (one to the rig
 
 Runs the torch reference path with autograd: `Context.add_after` is a plain add. The shared KV
 cache cannot carry autograd (each layer's write bumps the version of one buffer that earlier
-layers' saved views share), so training forwards get fresh per-layer buffers.
+layers' saved views share), so training forwards run in `Model.autograd_cache`.
 """
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -30,28 +29,6 @@ from ..model import Context
 from .activations import check_ids, check_layer
 from .spans import Example
 from .vectors import steering_layer
-
-
-class _FreshKV(nn.Module):
-    """Per-layer K/V buffers for one training forward (the attributes Transformer.forward reads)."""
-
-    def __init__(self, net, B: int, T: int):
-        super().__init__()
-        a, p = net.args, net.tok_embeddings.weight
-        self.k = [torch.zeros(B, T, a.n_kv_heads, a.head_dim, dtype=p.dtype, device=p.device) for _ in range(a.n_layers)]
-        self.v = [torch.zeros_like(t) for t in self.k]
-        self.max_batch, self.max_seq_len = B, T
-
-
-@contextmanager
-def _training_cache(model, B: int, T: int):
-    model.ensure_cache(B, T)  # RoPE tables for T positions
-    net, saved = model.net, model.net.kv
-    try:
-        net.kv = _FreshKV(net, B, T)
-        yield
-    finally:
-        net.kv = saved
 
 
 def _batch(model, examples: Sequence[Example]):
@@ -76,7 +53,7 @@ def example_loss(model, examples: Sequence[Example], layer: int, vector: torch.T
     add = None
     if vector is not None:
         add = (steering_layer(layer, point), mask[..., None].to(model.dtype) * vector.to(model.dtype))
-    with _training_cache(model, B, T):
+    with model.autograd_cache(B, T):
         pos = torch.arange(T, dtype=torch.int32, device=model.device)[None].expand(B, T).contiguous()
         logits = model.net(tokens, Context(input_pos=pos, kv_len=T, add_after=add))
     logits = logits if logits.dtype == torch.float64 else logits.float()  # fp32 loss for half models
