@@ -53,7 +53,7 @@ class StepBuffers:
     top_p: torch.Tensor  # [Bb] float32
     seed: torch.Tensor  # [Bb] int64
     steer: Steer | None
-    nonfinite: torch.Tensor  # [Bb] bool, set when a steered row's logits stop being finite
+    nonfinite: torch.Tensor  # [Bb] bool, set when a steered row's residual stream overflows (overflowed)
 
 
 class Model:
@@ -159,14 +159,16 @@ class Model:
 
     # ------------------------------------------------------------------ one decode step
     def _decode_step(self, s: StepBuffers, mode: str, kv_len: int | None):
-        ctx = Context(input_pos=s.pos[:, None], kv_len=kv_len, logits_index=None, steer=s.steer)
+        steer_layer = None if s.steer is None else s.steer.layer
+        ctx = Context(input_pos=s.pos[:, None], kv_len=kv_len, logits_index=None, steer=s.steer,
+                      capture_layer=steer_layer)
         logits = self.net(s.tok[:, None], ctx)[:, 0]
         nxt = sample(logits, s.temperature, s.top_k, s.top_p, s.seed, s.pos + 1, mode)
         nxt = torch.where(s.done, s.tok, nxt)  # finished rows stand still; trimmed on the host
         s.out.scatter_(1, s.step.expand(nxt.shape[0], 1), nxt[:, None])
         s.done |= (nxt[:, None] == s.stop).any(-1)
-        if s.steer is not None:  # a huge vector overflows the residual stream: say so, not garbage tokens
-            s.nonfinite |= ~torch.isfinite(logits).all(-1)
+        if s.steer is not None:
+            s.nonfinite |= overflowed(ctx.captured[:, 0])
         s.tok.copy_(nxt)
         s.pos.add_(1)
         s.step.add_(1)
@@ -276,7 +278,8 @@ class Model:
         if s.steer is not None:
             st = s.steer
             steer = Steer(st.layer, st.vectors[:B], st.idx[:B], st.coef[:B], st.start[:B])
-        ctx = Context(input_pos=pos, kv_len=T, logits_index=(lens_t - 1).long(), steer=steer)
+        ctx = Context(input_pos=pos, kv_len=T, logits_index=(lens_t - 1).long(), steer=steer,
+                      capture_layer=None if steer is None else steer.layer)
         logits = self.net(tokens, ctx)
         first = sample(logits, s.temperature[:B], s.top_k[:B], s.top_p[:B], s.seed[:B], lens_t, mode)
 
@@ -286,7 +289,7 @@ class Model:
         s.done.fill_(True)[:B] = (first[:, None] == s.stop[:B]).any(-1)
         s.nonfinite.zero_()
         if s.steer is not None:
-            s.nonfinite[:B] = ~torch.isfinite(logits).all(-1)
+            s.nonfinite[:B] = overflowed(ctx.captured).any(-1)
         s.step.fill_(1)
         if callback is not None:
             callback(0, first.tolist())
@@ -311,6 +314,13 @@ class Model:
                 "the vector is too large for this model's residual stream")
         out = s.out[:B, :n_out].tolist()
         return [_trim(row, set(st)) for row, st in zip(out, stops)]
+
+
+def overflowed(x: torch.Tensor) -> torch.Tensor:
+    """[..., d] -> [...] bool: the next RMSNorm's mean square is not finite. A steering vector that
+    is finite on its own can still overflow it, and the norm then turns the row into zeros (or NaN):
+    garbage tokens with finite logits."""
+    return ~torch.isfinite(x.float().square().mean(-1))
 
 
 def _trim(row: list[int], stops: set[int]) -> list[int]:

@@ -210,3 +210,21 @@ def test_cuda_graph_decode_equals_eager_and_transformers(family):
     assert graphed.generate(prompts, 40, **kw) == eager.generate(prompts, 40, **kw)
     stop = out[1][3]
     assert graphed.generate(prompts, 70, eos_token_id=stop) == eager.generate(prompts, 70, eos_token_id=stop)
+
+
+@pytest.mark.parametrize("positions", ["all", "generated"])
+def test_steering_that_overflows_the_residual_stream_raises_and_the_model_goes_on(positions):
+    """A vector finite on its own (1e30 in fp32) whose sum with the residual stream overflows: a named
+    error, not garbage tokens; only the offending row is named, and the next call works."""
+    hf = tiny_hf("llama", n_heads=4, n_kv_heads=2, layers=2, dtype=torch.float32)
+    m = sf.load_model(hf, device="cpu", dtype=torch.float32)
+    prompts = random_prompts([6, 4, 5])
+    vec = torch.randn(3, hf.config.hidden_size)
+    vec[1] *= 1e30
+    with pytest.raises(sf.errors.NonFiniteError, match=r"sequence\(s\) \[1\].*layer 1"):
+        m.generate(prompts, 20, eos_token_id=None, steering=sf.Steering(vec, layer=1, coef=1.0, positions=positions))
+    vec[1] /= 1e30
+    ok = m.generate(prompts, 20, eos_token_id=None, steering=sf.Steering(vec, layer=1, coef=1.0, positions=positions))
+    assert ok == m.generate(prompts, 20, eos_token_id=None,
+                            steering=sf.Steering(vec, layer=1, coef=1.0, positions=positions))
+    assert m.generate(prompts, 20, eos_token_id=None) == [hf_greedy(hf, p, 20) for p in prompts]
