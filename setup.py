@@ -86,11 +86,21 @@ class CMakeBuild(build_ext):
         subprocess.run([cmake, "--build", str(build_temp), "-j", jobs], check=True)
 
 
+def remove_stale_extension():
+    """An editable install imports steerfast/_C*.so from the source tree, where an earlier CUDA
+    install left it: reinstalling without _C must remove it, or it still imports. Only those files."""
+    for stale in sorted((ROOT / "steerfast").glob("_C*.so")):
+        stale.unlink()
+        print(f"steerfast: removed {stale.relative_to(ROOT)}, left by an earlier install with _C", file=sys.stderr)
+
+
 class BuildPy(build_py):
     def run(self):
         if NVCC is None:  # said here, once per build, rather than on every run of setup.py
             print(f"steerfast: {NO_CUDA_REASON}; installing without steerfast._C "
                   "(CUDA kernels disabled, Triton/torch backends still work)", file=sys.stderr)
+            if getattr(self, "editable_mode", False):  # a wheel never carries the source tree's .so
+                remove_stale_extension()
         super().run()
         # kernels/ has no __init__.py (see below); an installed steerfast.kernels is a regular package
         init = Path(self.build_lib) / "steerfast" / "kernels" / "__init__.py"
