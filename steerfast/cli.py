@@ -281,12 +281,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _name_parsers(parser: argparse.ArgumentParser) -> None:
-    """Each (sub)parser records its prog, so the error line says which command failed."""
+    """Each (sub)parser records its prog, so the error line says which command failed; each command
+    that runs (a parser without subcommands) takes --quiet, which main() turns into STEERFAST_QUIET."""
     parser.set_defaults(prog_=parser.prog)
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for child in action.choices.values():
-                _name_parsers(child)
+    children = [child for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+                for child in action.choices.values()]
+    for child in children:
+        _name_parsers(child)
+    if not children and parser.prog != "steerfast" and "--quiet" not in parser._option_string_actions:
+        parser.add_argument("--quiet", action="store_true", help="no progress bars (steerfast.progress)")
 
 
 def _cwd_importable() -> None:
@@ -328,6 +331,8 @@ def main(argv=None) -> int:
             check_device(args.device)
         if getattr(args, "quiet", False):
             os.environ["STEERFAST_QUIET"] = "1"  # steerfast.progress: every bar, in every module
+            if hasattr(args, "no_progress"):  # eval's own switch for its bar
+                args.no_progress = True
         if args.cmd == "research":
             _cwd_importable()
         return args.fn(args)

@@ -162,6 +162,14 @@ def test_ctrl_c_in_eval_is_one_line_and_exit_130(tmp_path, tok_dir):
 
 
 # ---------------------------------------------------------------------- output (in-process)
+def test_every_command_takes_quiet():
+    parser = build_parser()
+    args = parser.parse_args(["research", "sae", "--activations", "a", "--out", "o", "--quiet"])
+    assert args.quiet and args.prog_ == "steerfast research sae"
+    assert parser.parse_args(["eval", "--data", "d", "--out", "o", "--quiet"]).quiet
+    assert not parser.parse_args(["generate"]).quiet
+
+
 def test_version_and_the_presets_in_help(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--version"])
