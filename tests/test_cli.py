@@ -267,3 +267,29 @@ def test_quiet_silences_the_bars_on_a_terminal(capsys, monkeypatch):
     assert main(argv + ["--quiet"]) == 0
     err = capsys.readouterr().err
     assert "random tiny" not in err and "generating" not in err, err
+
+
+def test_stream_holds_split_characters_and_stops_at_the_stop_token():
+    import io
+
+    from steerfast.cli import _Stream
+
+    class ByteTokenizer:  # token id = one UTF-8 byte, as byte-level BPE vocabularies have them
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    text = "".join(chr(int(c)) for c in torch.randint(0xE0, 0x17F, (5,))) + "a"  # two-byte characters
+    ids, stop = list(text.encode()), 0
+    out = io.StringIO()
+    stream = _Stream(ByteTokenizer(), {stop}, out)
+    written = []
+    for step, t in enumerate(ids + [stop, stop, stop]):  # a finished row repeats its last token
+        stream(step, [t])
+        written.append(out.getvalue())
+    assert "\ufffd" not in "".join(written), "half a character must wait for its second byte"
+    assert out.getvalue() == text + "\x00"
+    ids_out = io.StringIO()
+    plain = _Stream(None, {stop}, ids_out)
+    for step, t in enumerate([5, 7, stop, stop]):
+        plain(step, [t])
+    assert ids_out.getvalue() == "5 7 0"
