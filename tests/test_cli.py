@@ -162,6 +162,28 @@ def test_ctrl_c_in_eval_is_one_line_and_exit_130(tmp_path, tok_dir):
 
 
 # ---------------------------------------------------------------------- output (in-process)
+def test_a_bug_is_one_line_too_and_debug_shows_the_traceback(capsys, monkeypatch):
+    import steerfast.cli as cli
+
+    def fails(args):
+        raise RuntimeError("boom\nsecond line")
+    monkeypatch.setattr(cli, "_generate", fails)
+    monkeypatch.delenv("STEERFAST_DEBUG", raising=False)
+    assert main(["generate"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["steerfast generate: error: internal error, RuntimeError: boom second line (rerun with "
+                   "STEERFAST_DEBUG=1 for the traceback, and please report it)"]
+    monkeypatch.setenv("STEERFAST_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["generate"])
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_generate", interrupted)
+    monkeypatch.setenv("STEERFAST_DEBUG", "0")
+    assert main(["generate"]) == 130 and "steerfast generate: interrupted" in capsys.readouterr().err
+
+
 def test_every_command_takes_quiet():
     parser = build_parser()
     args = parser.parse_args(["research", "sae", "--activations", "a", "--out", "o", "--quiet"])
