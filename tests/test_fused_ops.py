@@ -1,0 +1,78 @@
+"""steerfast.fused_ops (the decode step's fused kernels) against float64 references.
+
+Every backend is called through the public functions, so dispatch and the torch.library custom ops
+are covered too. Inputs are fresh random numbers each run (`seed` fixture; replay with
+STEERFAST_TEST_SEED). Accuracy: tests/test_ops.py's 2x rule: max error against the float64
+reference at most twice that of the same-dtype torch reference, plus a small floor, and within
+(atol, rtol). Backends: "torch" always, "triton" on CUDA or under TRITON_INTERPRET=1 (so the shapes
+are small); these ops have no CUDA C++ kernel.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import steerfast.fused_ops as fo
+
+from backends import DEVICE, DTYPES, FLOOR, TRITON_SKIP
+
+BACKENDS = [
+    "torch",
+    pytest.param("triton", marks=pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))),
+]
+I32 = dict(device=DEVICE, dtype=torch.int32)
+I64 = dict(device=DEVICE, dtype=torch.int64)
+
+
+def _check(out, ref, base, atol, rtol, floor, what):
+    """out (implementation) and base (plain torch in the same dtype) against the float64 ref."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    err = (out.double() - ref).abs().max().item() if out.numel() else 0.0
+    base_err = (base.double() - ref).abs().max().item() if out.numel() else 0.0
+    assert err <= 2 * base_err + floor, (
+        f"{what}: max error {err:.3g} > 2 x same-dtype torch error {base_err:.3g} + {floor:g}")
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def _f64(t):
+    return None if t is None else (t.double() if t.is_floating_point() else t)
+
+
+# ---------------------------------------------------------------- decode tail
+def _decode_tail_by_hand(nxt, done, tok, pos, seq_lens, step, out, stop):
+    for b in range(nxt.shape[0]):
+        n = int(tok[b]) if bool(done[b]) else int(nxt[b])
+        if 0 <= int(step[b]) < out.shape[1]:
+            out[b, int(step[b])] = n
+        done[b] = bool(done[b]) or n in stop[b].tolist()
+        tok[b] = n
+        pos[b] += 1
+        seq_lens[b] = int(pos[b]) + 1
+        step[b] += 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B, W, n_stop", [(1, 4, 1), (6, 9, 3), (37, 5, 0)])
+def test_decode_tail(B, W, n_stop, backend, seed):
+    V = 12  # a small vocabulary: stop hits are common
+    state = dict(
+        nxt=torch.randint(0, V, (B,), **I64),
+        done=torch.rand(B, device=DEVICE) < 0.3,
+        tok=torch.randint(0, V, (B,), **I64),
+        pos=torch.randint(0, 100, (B,), **I32),
+        seq_lens=torch.zeros(B, **I32),
+        step=torch.randint(0, W + 1, (B,), **I64),  # step == W: nothing written
+        out=torch.randint(0, V, (B, W), **I64),
+        stop=torch.randint(-1, V, (B, n_stop), **I64),
+    )
+    if n_stop:
+        state["stop"][0, -1] = state["nxt"][0]  # row 0 hits a stop token (done if it was not)
+        state["done"][0] = False
+    expect = {k: v.clone() for k, v in state.items()}
+    for i in range(2):  # two steps: the in-place state feeds the next
+        fo.decode_tail_(*state.values(), backend=backend)
+        _decode_tail_by_hand(*expect.values())
+        for k, v in state.items():
+            assert torch.equal(v, expect[k]), f"decode_tail[{backend}] step {i} {k}: {v} != {expect[k]}"
+    if n_stop:
+        assert bool(state["done"][0])
