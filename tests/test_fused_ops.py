@@ -76,3 +76,70 @@ def test_decode_tail(B, W, n_stop, backend, seed):
             assert torch.equal(v, expect[k]), f"decode_tail[{backend}] step {i} {k}: {v} != {expect[k]}"
     if n_stop:
         assert bool(state["done"][0])
+
+
+# ---------------------------------------------------------------- fused linear
+def _steer_inputs(M, N_out, dtype, with_bias):
+    """(vectors, idx, coef, start, bias) and input_pos: row 0 unsteered (idx -1), the last row
+    steered, some rows before their start."""
+    C = 3
+    vectors = torch.randn(C, N_out, device=DEVICE).to(dtype)
+    idx = torch.randint(-1, C, (M,), **I32)
+    idx[-1] = C - 1
+    if M > 1:
+        idx[0] = -1
+    input_pos = torch.randint(0, 50, (M,), **I32)
+    start = input_pos + torch.randint(-2, 2, (M,), **I32)  # about half the rows: pos < start
+    start[-1] = input_pos[-1]
+    coef = (torch.randn(M, device=DEVICE) * 4).float()
+    bias = torch.randn(N_out, device=DEVICE).to(dtype) if with_bias else None
+    return (vectors, idx, coef, start, bias), input_pos
+
+
+# (M, K, N, variant): variant in plain, norm, bias, swiglu, residual, steer (norm + bias + residual + steer)
+LINEAR_CASES = [
+    pytest.param((1, 64, 123, "plain"), id="M1-K64-N123"),
+    pytest.param((3, 200, 5, "norm"), id="M3-K200-N5-norm"),
+    pytest.param((17, 64, 431, "bias"), id="M17-K64-N431-bias"),
+    pytest.param((3, 200, 123, "swiglu"), id="M3-K200-I123-norm-swiglu-bias"),
+    pytest.param((17, 64, 123, "residual"), id="M17-K64-N123-norm-residual"),
+    pytest.param((5, 200, 123, "steer"), id="M5-K200-N123-all-steer"),
+    pytest.param((70, 64, 17, "steer-nobias"), id="M70-K64-N17-steer-two-row-blocks"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype_tol", DTYPES)
+@pytest.mark.parametrize("case", LINEAR_CASES)
+def test_fused_linear(case, dtype_tol, backend, seed):
+    M, K, N, variant = case
+    dtype, atol, rtol = dtype_tol
+    swiglu = variant == "swiglu"
+    N_w = 2 * N if swiglu else N
+    x = torch.randn(M, K, device=DEVICE).to(dtype)
+    W = (torch.randn(N_w, K, device=DEVICE) / K ** 0.5).to(dtype)
+    kw = dict(swiglu=swiglu)
+    if variant not in ("plain", "bias"):
+        kw.update(norm_weight=(1 + 0.2 * torch.randn(K, device=DEVICE)).to(dtype), eps=1e-5)
+    if variant in ("bias", "swiglu", "steer"):
+        kw["bias"] = torch.randn(N_w, device=DEVICE).to(dtype) * 0.5
+    if variant in ("residual", "steer", "steer-nobias"):
+        kw["residual"] = torch.randn(M, N, device=DEVICE).to(dtype)
+    if variant.startswith("steer"):
+        kw["steer"], kw["input_pos"] = _steer_inputs(M, N, dtype, variant == "steer")
+
+    out = fo.fused_linear(x, W, backend=backend, **kw)
+
+    assert out.dtype == dtype and out.shape == (M, N)
+    kw64 = {k: (tuple(_f64(t) for t in v) if k == "steer" else _f64(v)) if not isinstance(v, (bool, float))
+            else v for k, v in kw.items()}
+    ref = fo.fused_linear_torch(x.double(), W.double(), **kw64)
+    base = fo.fused_linear_torch(x, W, **kw)
+    _check(out, ref, base, atol, rtol, FLOOR[dtype], f"fused_linear[{backend}] {variant} seed={seed}")
+    if variant.startswith("steer"):  # rows not steered are exactly the unsteered layer's output
+        steer = kw.pop("steer")
+        plain = fo.fused_linear(x, W, backend=backend, **{k: v for k, v in kw.items() if k != "input_pos"})
+        vectors, idx, coef, start, _ = steer
+        off = (idx < 0) | (kw["input_pos"] < start)
+        assert off.any() and (~off).any()
+        assert torch.equal(out[off], plain[off])
