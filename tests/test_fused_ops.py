@@ -143,3 +143,58 @@ def test_fused_linear(case, dtype_tol, backend, seed):
         off = (idx < 0) | (kw["input_pos"] < start)
         assert off.any() and (~off).any()
         assert torch.equal(out[off], plain[off])
+
+
+# ---------------------------------------------------------------- QKV + RoPE + KV write
+def _rope_tables(S, D, dtype):
+    """steerfast.model's tables: angles in fp32, halves duplicated, cast to the model dtype."""
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    freqs = torch.arange(S, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype).to(DEVICE), emb.sin().to(dtype).to(DEVICE)
+
+
+# (M, K, H, Hkv, D, bias)
+QKV_CASES = [
+    pytest.param((1, 64, 6, 2, 16, True), id="M1-K64-H6-Hkv2-D16-bias"),
+    pytest.param((3, 200, 6, 2, 32, False), id="M3-K200-H6-Hkv2-D32"),
+    pytest.param((17, 64, 4, 4, 40, True), id="M17-K64-mha-D40-bias"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype_tol", DTYPES)
+@pytest.mark.parametrize("case", QKV_CASES)
+def test_qkv_rope_kv_write(case, dtype_tol, backend, seed):
+    M, K, H, Hkv, D, with_bias = case
+    dtype, atol, rtol = dtype_tol
+    S, Bc = 40, M + 3
+    N = (H + 2 * Hkv) * D
+    x = torch.randn(M, K, device=DEVICE).to(dtype)
+    W = (torch.randn(N, K, device=DEVICE) / K ** 0.5).to(dtype)
+    nw = (1 + 0.2 * torch.randn(K, device=DEVICE)).to(dtype)
+    bias = (torch.randn(N, device=DEVICE) * 0.5).to(dtype) if with_bias else None
+    cos, sin = _rope_tables(S, D, dtype)
+    rows = torch.randperm(Bc, device=DEVICE)[:M]  # cache rows out of order, some never written
+    pos = torch.randint(0, S, (M,), **I32)
+    pos[-1] = S - 1
+    k_cache = torch.randn(Bc, S, Hkv, D, device=DEVICE).to(dtype)
+    v_cache = torch.randn(Bc, S, Hkv, D, device=DEVICE).to(dtype)
+    k0, v0 = k_cache.clone(), v_cache.clone()
+
+    q = fo.qkv_rope_kv_write(x, W, nw, 1e-6, bias, cos, sin, pos, rows, k_cache, v_cache, H, Hkv, backend=backend)
+
+    assert q.dtype == dtype and q.shape == (M, H, D)
+    caches = {}
+    for name, dt in (("ref", torch.float64), ("base", dtype)):
+        kc, vc = k0.clone().to(dt), v0.clone().to(dt)
+        qq = fo.qkv_rope_kv_write_torch(x.to(dt), W.to(dt), nw.to(dt), 1e-6, _f64(bias) if dt == torch.float64 else bias,
+                                        cos.to(dt), sin.to(dt), pos, rows, kc, vc, H, Hkv)
+        caches[name] = (qq, kc[rows, pos.long()], vc[rows, pos.long()])
+    what = f"qkv_rope_kv_write[{backend}] seed={seed}"
+    written = (k_cache[rows, pos.long()], v_cache[rows, pos.long()])
+    for i, (name, out) in enumerate(zip(("q", "k", "v"), (q,) + written)):
+        _check(out, caches["ref"][i], caches["base"][i], atol, rtol, FLOOR[dtype], f"{what} {name}")
+    untouched = torch.ones(Bc, S, dtype=torch.bool, device=DEVICE)
+    untouched[rows, pos.long()] = False
+    assert torch.equal(k_cache[untouched], k0[untouched]) and torch.equal(v_cache[untouched], v0[untouched])
