@@ -1,0 +1,152 @@
+"""`steerfast demo`: a miniature of Venhoff et al. (2025) that runs on a laptop CPU.
+
+Trains a tiny base model (three-digit... two-digit addition, mostly answered directly, a minority
+step by step) and a thinking model (the base model further trained to always reason first), caches
+both as Hugging Face checkpoints, runs the paper's pipeline on them (traces, labelled sentences,
+activations, taxonomy SAE, steering vectors) and `steerfast eval` of the base model, the thinking
+model and the hybrid on a held-out set: OUT/summary.json and OUT/summary.md as `steerfast eval`
+writes them, hybrid traces as HTML, the taxonomy figure.
+
+    steerfast demo --out demo-out
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--out", default="steerfast-demo", help="output directory (default ./steerfast-demo)")
+    p.add_argument("--n-eval", type=int, default=200, help="held-out problems (default 200)")
+    p.add_argument("--fresh", action="store_true", help="retrain the models even when cached")
+    p.add_argument("--cache-dir", help="where the trained pair is cached (default $XDG_CACHE_HOME/steerfast/demo)")
+    p.add_argument("--device", help="default cuda when available, else cpu")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch (default 1: tiny models gain nothing from more, and lose a lot "
+                        "when the cores are shared)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, only the table")
+    p.add_argument("--small", action="store_true", help="a reduced run (tests): fewer steps and problems")
+
+
+def _log(args, msg):
+    if not args.quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def run(args) -> int:
+    import torch
+
+    from . import pipeline, task
+    from .train import Recipe, cache_root, train_pair
+
+    t_start = time.perf_counter()
+    if args.quiet:
+        os.environ["STEERFAST_QUIET"] = "1"
+    progress = not args.quiet and sys.stderr.isatty()
+    torch.set_num_threads(max(1, args.threads))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its checkpoint-writing bars, whatever --quiet says
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float32
+    recipe = Recipe(n_eval=args.n_eval)
+    settings = pipeline.Settings()
+    if args.small:
+        recipe = Recipe(base_steps=40, think_steps=20, n_eval=args.n_eval)
+        settings = pipeline.Settings(n_traces=24, n_latents=(5, 6, 7), sae_epochs=20, vector_epochs=1,
+                                     vector_examples=8)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    heldout = task.problems(recipe.n_eval, recipe.heldout_seed)
+    exclude = {(p.a, p.b) for p in heldout}
+
+    # 1. the trained pair, cached by the recipe's hash
+    pair = Path(args.cache_dir) if args.cache_dir else cache_root()
+    pair = pair / recipe.key()
+    if args.fresh and pair.exists():
+        shutil.rmtree(pair)
+    if not (pair / "train.json").exists():
+        _log(args, f"training the base and thinking models (cached in {pair}) ...")
+        tmp = pair.with_name(pair.name + f".tmp{os.getpid()}")
+        info = train_pair(recipe, tmp, progress=progress, device=device, exclude=exclude)
+        if pair.exists():
+            shutil.rmtree(pair)
+        os.replace(tmp, pair)
+    info = json.loads((pair / "train.json").read_text())
+    _log(args, f"models: {pair} ({info['params']:,} parameters each)")
+    t_train = time.perf_counter()
+
+    # 2. the research pipeline on training problems (never the held-out ones)
+    models = pipeline.load_pair(pair, device, dtype)
+    (think, ttok), (base, btok) = models["thinking"], models["base"]
+    res = out / "research"
+    if res.exists():
+        shutil.rmtree(res)  # cheap to redo, and a stale one would refuse new inputs
+    res.mkdir(parents=True)
+    train_probs = task.problems(settings.n_traces, recipe.seed + 7, exclude=exclude)
+    _log(args, f"thinking-model traces on {len(train_probs)} training problems ...")
+    tr = pipeline.traces(think, ttok, train_probs, settings.max_new_tokens)
+    with open(res / "traces.jsonl", "w") as fh:
+        fh.writelines(json.dumps(t) + "\n" for t in tr)
+    t_recs = pipeline.span_records(tr, ttok, lambda q: thinking_ids(ttok, q))
+    b_recs = pipeline.span_records(tr, btok, lambda q: base_ids(btok, q))
+    _log(args, "taxonomy SAE over sentence activations ...")
+    sae, acts, cats, names, purity = pipeline.taxonomy(think, t_recs, settings, res, progress)
+    _log(args, f"taxonomy: {sae.n_latents} categories (FVU elbow), purity against the true kinds {purity:.2f}: "
+               f"{', '.join(names)}")
+    _log(args, "steering vectors (difference of means; optimised with a bias) ...")
+    pipeline.vectors(base, btok, b_recs, acts, cats, sae, settings, res, progress)
+    del models, think, base
+    t_research = time.perf_counter()
+
+    # 3. steerfast eval of base, thinking and hybrid on the held-out set
+    data = out / "heldout.jsonl"
+    with open(data, "w") as fh:
+        for p in heldout:
+            fh.write(json.dumps(dict(question=p.question, answer=f"{task.text(task.steps(p))}\n#### {p.answer}")) + "\n")
+    for run_dir in ("base", "thinking", "hybrid"):
+        if (out / run_dir).exists():
+            shutil.rmtree(out / run_dir)  # the models may have been retrained: do not resume into old results
+    from steerfast.evaluate import cli as eval_cli
+
+    p = argparse.ArgumentParser(prog="steerfast eval")
+    eval_cli.add_arguments(p)
+    argv = ["--data", str(data), "--out", str(out), "--base-model", str(pair / "base"),
+            "--thinking-model", str(pair / "thinking"), "--sae", str(res / "sae.safetensors"),
+            "--vectors", str(res / "vectors_optimized.safetensors"), "--sae-layer", str(settings.sae_layer),
+            "--steer-layer", str(settings.steer_layer), "--max-new-tokens", str(settings.max_new_tokens),
+            "--batch-size", "100", "--base-template", task.BASE_TEMPLATE,
+            "--thinking-template", task.THINKING_TEMPLATE, "--device", device, "--dtype", "fp32",
+            "--category-names", ",".join(names)]
+    if not progress:
+        argv.append("--no-progress")
+    rc = eval_cli.run(p.parse_args(argv))
+    t_end = time.perf_counter()
+    timing = dict(train_s=round(t_train - t_start, 1), research_s=round(t_research - t_train, 1),
+                  eval_s=round(t_end - t_research, 1), total_s=round(t_end - t_start, 1), cached=info, threads=args.threads,
+                  device=device)
+    (out / "demo.json").write_text(json.dumps(dict(timing=timing, purity=purity, categories=names), indent=1))
+    print(f"demo: {timing['total_s']:.0f} s (models {timing['train_s']:.0f} s, pipeline {timing['research_s']:.0f} s, "
+          f"eval {timing['eval_s']:.0f} s); traces: {out / 'hybrid' / 'traces'}, taxonomy: {res / 'taxonomy_grid.png'}")
+    return rc
+
+
+def base_ids(tok, q):
+    from steerfast.evaluate.data import base_prompt
+
+    from . import task
+    return base_prompt(tok, q, task.BASE_TEMPLATE)
+
+
+def thinking_ids(tok, q):
+    from steerfast.evaluate.data import thinking_prompt
+
+    from . import task
+    return thinking_prompt(tok, q, task.THINKING_TEMPLATE)
