@@ -158,7 +158,7 @@ def _load_tokenizer(path: str, required: bool):
 
 def _generate(args) -> int:
     import steerfast as sf
-    from steerfast.presets import SHAPES, random_hf_model
+    from steerfast.presets import SHAPES, random_model
 
     from .progress import bar, enabled
 
@@ -190,8 +190,7 @@ def _generate(args) -> int:
         with flag_context("--model"):  # the loader's messages name the path
             m = sf.load_model(args.model, device=device, dtype=dtype, max_seq_len=args.max_seq_len)
     else:
-        m = sf.load_model(random_hf_model(args.random, device=device, dtype=dtype), device=device, dtype=dtype,
-                          max_seq_len=args.max_seq_len)
+        m = random_model(args.random, device, dtype, max_seq_len=args.max_seq_len)  # made in place: no HF copy
     vocab = m.args.vocab_size
     if max(prompt) >= vocab:
         raise UsageError(f"{source}: token id {max(prompt)} is outside this model's vocabulary [0, {vocab})")

@@ -53,8 +53,6 @@ def random_hf_model(name: str, device="cpu", dtype=torch.bfloat16, std: float = 
     GPU; about a minute for 1.5B on a CPU, hence the progress bar: see steerfast.progress)."""
     from transformers import AutoModelForCausalLM
 
-    from .progress import bar
-
     cfg = hf_config(name)
     cfg.initializer_range = std
     with _no_init_weights(), torch.device(device):
@@ -64,11 +62,33 @@ def random_hf_model(name: str, device="cpu", dtype=torch.bfloat16, std: float = 
         model.tie_weights()
         if head.weight is not emb.weight:
             head.weight = emb.weight
+    _fill_random(list(model.named_parameters()), f"random {name}", device, dtype, std, seed, progress)
+    return model.eval().requires_grad_(False)
+
+
+def random_model(name: str, device=None, dtype=torch.bfloat16, *, std: float = 0.02, seed: int = 0,
+                 max_seq_len: int | None = None, progress: bool | None = None):
+    """A steerfast `Model` of preset shape `name` with random weights made in place: no transformers
+    model in between, so half `load_model(random_hf_model(...))`'s peak memory and no copy (what the
+    CLI uses). The same distribution as `random_hf_model`, not the same values (the layouts differ)."""
+    from .config import ModelArgs
+    from .engine import Model
+    from .loader import _build
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net = _build(ModelArgs.from_hf(hf_config(name).to_dict()), device, dtype)
+    _fill_random(list(net.named_parameters()), f"random {name}", device, dtype, std, seed, progress)
+    return Model(net, max_seq_len=max_seq_len)
+
+
+def _fill_random(params, desc: str, device, dtype, std: float, seed: int, progress: bool | None) -> None:
+    """Norm weights 1, everything else N(0, std), filled on the device, with a bar counted in
+    parameters (one embedding can take as long as several layers). Tied weights appear once."""
+    from .progress import bar
+
     gen = torch.Generator(device=torch.device(device)).manual_seed(seed)
-    params = list(model.named_parameters())  # tied weights appear once
-    # counted in parameters, not tensors: one embedding can take as long as several layers
     with torch.no_grad(), bar(total=sum(p.numel() for _, p in params), progress=progress, unit="param",
-                              unit_scale=True, desc=f"random {name} ({torch.device(device).type}, "
+                              unit_scale=True, desc=f"{desc} ({torch.device(device).type}, "
                                                     f"{str(dtype).removeprefix('torch.')})") as shown:
         for pname, p in params:
             if p.dim() == 1 and "norm" in pname:
@@ -76,4 +96,3 @@ def random_hf_model(name: str, device="cpu", dtype=torch.bfloat16, std: float = 
             else:
                 p.normal_(0.0, std, generator=gen)
             shown.update(p.numel())
-    return model.eval().requires_grad_(False)

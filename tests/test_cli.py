@@ -22,7 +22,7 @@ import torch
 
 import steerfast as sf
 from steerfast.cli import build_parser, main
-from steerfast.presets import SHAPES, random_hf_model
+from steerfast.presets import SHAPES, random_hf_model, random_model
 from tiny_tokenizer import char_tokenizer
 
 TINY_VOCAB = SHAPES["tiny"]["vocab_size"]
@@ -208,8 +208,7 @@ def torch_kernels(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny():
-    return sf.load_model(random_hf_model("tiny", dtype=torch.float32), device="cpu", dtype=torch.float32,
-                         max_seq_len=4096)
+    return random_model("tiny", "cpu", torch.float32, max_seq_len=4096)  # what `generate --random tiny` runs
 
 
 def test_generate_streams_text_for_one_prompt(tiny, tok_dir, capsys, monkeypatch):
