@@ -198,3 +198,75 @@ def test_qkv_rope_kv_write(case, dtype_tol, backend, seed):
     untouched = torch.ones(Bc, S, dtype=torch.bool, device=DEVICE)
     untouched[rows, pos.long()] = False
     assert torch.equal(k_cache[untouched], k0[untouched]) and torch.equal(v_cache[untouched], v0[untouched])
+
+
+# ---------------------------------------------------------------- lm_head + argmax
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype_tol", DTYPES)
+@pytest.mark.parametrize("M, K, V", [(1, 64, 431), (3, 200, 123), (17, 64, 1500)])
+def test_lm_head_argmax(M, K, V, dtype_tol, backend, seed):
+    """The chosen id's float64 logit is as close to the float64 maximum as torch's own same-dtype
+    choice (2x rule on the regret); a near-tie may legitimately go either way."""
+    dtype, atol, rtol = dtype_tol
+    x = torch.randn(M, K, device=DEVICE).to(dtype)
+    W = (torch.randn(V, K, device=DEVICE) / K ** 0.5).to(dtype)
+    nw = (1 + 0.2 * torch.randn(K, device=DEVICE)).to(dtype)
+
+    ids = fo.lm_head_argmax(x, W, nw, 1e-6, backend=backend)
+
+    assert ids.dtype == torch.int64 and ids.shape == (M,)
+    logits = torch.nn.functional.linear(fo.rms_norm_torch(x.double(), nw.double(), 1e-6), W.double())  # [M, V]
+    base = fo.lm_head_argmax_torch(x, W, nw, 1e-6)
+    top = logits.max(dim=-1).values
+    regret = top - logits.gather(1, ids[:, None])[:, 0]
+    base_regret = top - logits.gather(1, base[:, None])[:, 0]
+    assert (regret <= 2 * base_regret + atol * top.abs().clamp(min=1)).all(), (
+        f"lm_head_argmax[{backend}] seed={seed}: ids {ids.tolist()} (regret {regret.tolist()}), "
+        f"torch {base.tolist()} (regret {base_regret.tolist()})")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype_tol", DTYPES)
+def test_lm_head_argmax_ties_go_to_the_lowest_id(dtype_tol, backend):
+    """Equal maximal logits (duplicate W rows) in one block and across blocks: torch.argmax's first."""
+    dtype = dtype_tol[0]
+    M, K, V = 3, 64, 700
+    x = (torch.rand(M, K, device=DEVICE) + 0.1).to(dtype)  # positive rows: all-ones W rows win
+    W = (torch.randn(V, K, device=DEVICE) * 0.01).to(dtype)
+    winners = [9, 11, 75, 300, 699]  # same 16- and 64-column block, and blocks apart
+    W[winners] = 1.0
+    nw = torch.ones(K, device=DEVICE, dtype=dtype)
+    ids = fo.lm_head_argmax(x, W, nw, 1e-6, backend=backend)
+    assert ids.tolist() == [9] * M
+    W[9] = 0.5  # the next duplicate takes over
+    assert fo.lm_head_argmax(x, W, None, 0.0, backend=backend).tolist() == [11] * M
+
+
+# ---------------------------------------------------------------- register_fake
+def test_fake_tensor_shapes():
+    """Every custom op's register_fake gives the right shapes and dtypes (what torch.compile traces)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    M, K, N, H, Hkv, D, S, Bc, dt = 3, 64, 40, 6, 2, 16, 20, 5, torch.bfloat16
+    with FakeTensorMode():
+        x = torch.empty(M, K, dtype=dt)
+        W = torch.empty(N, K, dtype=dt)
+        nw = torch.empty(K, dtype=dt)
+        steer = (torch.empty(2, N // 2, dtype=dt), torch.empty(M, dtype=torch.int32),
+                 torch.empty(M, dtype=torch.float32), torch.empty(M, dtype=torch.int32), None)
+        out = fo.fused_linear(x, W, norm_weight=nw, eps=1e-6, swiglu=True, residual=torch.empty(M, N // 2, dtype=dt),
+                              steer=steer, input_pos=torch.empty(M, dtype=torch.int32))
+        assert out.shape == (M, N // 2) and out.dtype == dt
+        k_cache, v_cache = torch.empty(Bc, S, Hkv, D, dtype=dt), torch.empty(Bc, S, Hkv, D, dtype=dt)
+        q = fo.qkv_rope_kv_write(x, torch.empty((H + 2 * Hkv) * D, K, dtype=dt), nw, 1e-6, None,
+                                 torch.empty(S, D, dtype=dt), torch.empty(S, D, dtype=dt),
+                                 torch.empty(M, dtype=torch.int32), torch.empty(M, dtype=torch.int64),
+                                 k_cache, v_cache, H, Hkv)
+        assert q.shape == (M, H, D) and q.dtype == dt
+        ids = fo.lm_head_argmax(x, W, nw, 1e-6)
+        assert ids.shape == (M,) and ids.dtype == torch.int64
+        B = 4
+        fo.decode_tail_(torch.empty(B, dtype=torch.int64), torch.empty(B, dtype=torch.bool),
+                        torch.empty(B, dtype=torch.int64), torch.empty(B, dtype=torch.int32),
+                        torch.empty(B, dtype=torch.int32), torch.empty(B, dtype=torch.int64),
+                        torch.empty(B, 8, dtype=torch.int64), torch.empty(B, 2, dtype=torch.int64))
