@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from .. import paper_configs
@@ -40,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", required=True, help="output directory; rerunning into it resumes")
     g.add_argument("--batch-size", type=int, default=8, help="problems generated together (per process)")
     g.add_argument("--max-new-tokens", type=int, help=f"default {DEFAULT_MAX_NEW_TOKENS} (or --paper-config's)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal)")
     g.add_argument("--category-names", help="comma-separated names of the vectors' rows, for the table")
     g = p.add_argument_group("models (local Hugging Face directories)")
     g.add_argument("--base-model", help="base model directory (config.json + safetensors)")
@@ -108,6 +107,35 @@ def _load_vectors(path):
     return t["vectors"], t.get("bias")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
+def check_tokenizer_dir(path, flag: str, model_flag: str | None = None) -> None:
+    """Refuse, naming the flag, a tokenizer directory that is missing or holds no tokenizer file
+    (transformers would say only a bare ValueError, after the models were loaded). model_flag: the
+    directory came from that model flag, and the message says which tokenizer flag to pass."""
+    d = Path(path)
+    src = f"{model_flag} {d}" if model_flag else f"{flag} {d}"
+    if not d.is_dir():
+        raise InvalidInputError(f"{src}: not a directory" + (f"; pass {flag}" if model_flag else ""))
+    if not any((d / f).is_file() for f in TOKENIZER_FILES):
+        hint = f": pass {flag} DIR (a directory holding them)" if model_flag else ""
+        raise InvalidInputError(f"no tokenizer files (tokenizer.json / tokenizer_config.json) in {src}{hint}")
+
+
+def load_tokenizer(path, flag: str, model_flag: str | None = None):
+    check_tokenizer_dir(path, flag, model_flag)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (ValueError, OSError, TypeError, KeyError) as e:  # present but unreadable: say which flag
+        raise InvalidInputError(f"{model_flag or flag} {path}: the tokenizer does not load "
+                                f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+                                ) from None
+
+
 def apply_paper_config(args) -> paper_configs.HybridConfig | None:
     """Fill the hybrid settings not given on the command line: from --paper-config when named,
     else the paper's grid and 2000 new tokens. Returns the configuration used, if any."""
@@ -123,21 +151,14 @@ def apply_paper_config(args) -> paper_configs.HybridConfig | None:
 
 
 def run(args) -> int:
-    import torch
-
-    import steerfast as sf
-
-    from ..errors import SteerfastError
-    from . import data
-    from .run import BaseGenerator, HybridGenerator, ThinkingGenerator, evaluate, init_distributed
-    from .summary import markdown, write_summary
+    from . import lock
+    from .run import init_distributed
 
     paper = apply_paper_config(args)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     bad = [r for r in runs if r not in ("base", "thinking", "hybrid")]
     if bad or not runs:
-        print(f"error: --runs takes base, thinking, hybrid; got {args.runs!r}", file=sys.stderr)
-        return 2
+        raise InvalidInputError(f"--runs takes base, thinking, hybrid; got {args.runs!r}")
     need_base = "base" in runs or "hybrid" in runs
     need_think = "thinking" in runs or "hybrid" in runs
     missing = [f for f, ok in (("--base-model", not need_base or args.base_model),
@@ -146,74 +167,96 @@ def run(args) -> int:
         missing += [f for f, v in (("--sae", args.sae), ("--vectors", args.vectors), ("--sae-layer", args.sae_layer),
                                    ("--steer-layer", args.steer_layer)) if v is None]
     if missing:
-        print(f"error: runs {','.join(runs)} need {', '.join(missing)}", file=sys.stderr)
-        return 2
+        raise InvalidInputError(f"runs {','.join(runs)} need {', '.join(missing)}")
+    # the tokenizers before anything heavy: a directory without them fails in a second, not after loading
+    tok_src = []
+    if need_base:
+        tok_src.append((args.base_tokenizer or args.base_model, "--base-tokenizer",
+                        None if args.base_tokenizer else "--base-model"))
+    if need_think:
+        tok_src.append((args.thinking_tokenizer or args.thinking_model, "--thinking-tokenizer",
+                        None if args.thinking_tokenizer else "--thinking-model"))
+    for src in tok_src:
+        check_tokenizer_dir(*src)
+    # --quiet (steerfast.cli) sets STEERFAST_QUIET; None: bars only on a terminal
+    progress = False if (args.no_progress or getattr(args, "quiet", False)) else None
 
     rank, world, owned = init_distributed()
     try:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-        dtype_name = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}[dtype_name]
-        problems = data.load_problems(args.data, args.dataset, args.limit, args.start)
-        if not problems:
-            print(f"error: no problems in {args.data} from row {args.start}", file=sys.stderr)
-            return 2
-        base_t = _template(args.base_template, data.BASE_TEMPLATE)
-        think_t = _template(args.thinking_template, data.THINKING_TEMPLATE)
-        stops = () if args.no_stop_strings else data.BASE_STOP_STRINGS
-
-        from transformers import AutoTokenizer
-
-        def tokenizer(path):
-            return AutoTokenizer.from_pretrained(path, local_files_only=True)
-
-        def model(path):
-            return sf.load_model(path, device=device, dtype=dtype, max_seq_len=args.max_seq_len)
-
-        base = base_tok = think = think_tok = None
-        if need_base:
-            base, base_tok = model(args.base_model), tokenizer(args.base_tokenizer or args.base_model)
-        if need_think:
-            think, think_tok = model(args.thinking_model), tokenizer(args.thinking_tokenizer or args.thinking_model)
-        info = dict(dtype=dtype_name)
-        names = [n.strip() for n in args.category_names.split(",")] if args.category_names else None
-        gens = []
-        for r in runs:
-            if r == "base":
-                gens.append(BaseGenerator(base, base_tok, args.max_new_tokens, base_t, stops,
-                                          info=dict(info, model=str(args.base_model))))
-            elif r == "thinking":
-                gens.append(ThinkingGenerator(think, think_tok, args.max_new_tokens, think_t,
-                                              info=dict(info, model=str(args.thinking_model))))
-            else:
-                sae = sf.TopKSAE.load(args.sae, hookpoint=args.sae_hookpoint)
-                vectors, bias = _load_vectors(args.vectors)
-                if paper is not None and sae.n_latents != paper.n_categories:
-                    raise InvalidInputError(f"--paper-config {paper.name} has {paper.n_categories} categories but "
-                                            f"--sae {args.sae} has {sae.n_latents} latents")
-                h = sf.Hybrid(base, think, sae, vectors, bias, sae_layer=args.sae_layer, steer_layer=args.steer_layer,
-                              coefs=_numbers(args.coefs, float, "coefs"), windows=_numbers(args.windows, int, "windows"),
-                              gate=args.gate, threshold=args.threshold, tokenizers=(base_tok, think_tok))
-                gens.append(HybridGenerator(h, base_tok, think_tok, args.max_new_tokens, base_t, think_t, stops,
-                                            info=dict(info, base_model=str(args.base_model),
-                                                      thinking_model=str(args.thinking_model), sae=str(args.sae),
-                                                      vectors=str(args.vectors),
-                                                      **({"paper_config": paper.name} if paper else {})),
-                                            category_names=names))
-        for g in gens:
-            evaluate(problems, g, args.out, batch_size=args.batch_size, progress=not args.no_progress,
-                     rank=rank, world=world)
-        if rank == 0:
-            summary = write_summary(args.out, problems, names)
-            print(markdown(summary), end="")
-            print(f"results: {Path(args.out) / 'summary.json'}, {Path(args.out) / 'summary.md'}")
-        return 0
-    except (SteerfastError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        # every run's shard locked before any model loads: a second eval into --out fails at once
+        with lock.locked([Path(args.out) / r for r in runs], rank):
+            return _run(args, runs, paper, need_base, need_think, progress, rank, world)
     finally:
         if owned:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _run(args, runs, paper, need_base, need_think, progress, rank, world) -> int:
+    import torch
+
+    import steerfast as sf
+
+    from . import data
+    from .run import BaseGenerator, HybridGenerator, ThinkingGenerator, evaluate
+    from .summary import markdown, write_summary
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    dtype_name = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}[dtype_name]
+    problems = data.load_problems(args.data, args.dataset, args.limit, args.start)
+    if not problems:
+        raise InvalidInputError(f"no problems in --data {args.data} from row {args.start}")
+    base_t = _template(args.base_template, data.BASE_TEMPLATE)
+    think_t = _template(args.thinking_template, data.THINKING_TEMPLATE)
+    stops = () if args.no_stop_strings else data.BASE_STOP_STRINGS
+
+    def model(path):
+        return sf.load_model(path, device=device, dtype=dtype, max_seq_len=args.max_seq_len)
+
+    base = base_tok = think = think_tok = None
+    if need_base:
+        base_tok = load_tokenizer(args.base_tokenizer or args.base_model, "--base-tokenizer",
+                                  None if args.base_tokenizer else "--base-model")
+    if need_think:
+        think_tok = load_tokenizer(args.thinking_tokenizer or args.thinking_model, "--thinking-tokenizer",
+                                   None if args.thinking_tokenizer else "--thinking-model")
+    if need_base:
+        base = model(args.base_model)
+    if need_think:
+        think = model(args.thinking_model)
+    info = dict(dtype=dtype_name)
+    names = [n.strip() for n in args.category_names.split(",")] if args.category_names else None
+    gens = []
+    for r in runs:
+        if r == "base":
+            gens.append(BaseGenerator(base, base_tok, args.max_new_tokens, base_t, stops,
+                                      info=dict(info, model=str(args.base_model))))
+        elif r == "thinking":
+            gens.append(ThinkingGenerator(think, think_tok, args.max_new_tokens, think_t,
+                                          info=dict(info, model=str(args.thinking_model))))
+        else:
+            sae = sf.TopKSAE.load(args.sae, hookpoint=args.sae_hookpoint)
+            vectors, bias = _load_vectors(args.vectors)
+            if paper is not None and sae.n_latents != paper.n_categories:
+                raise InvalidInputError(f"--paper-config {paper.name} has {paper.n_categories} categories but "
+                                        f"--sae {args.sae} has {sae.n_latents} latents")
+            h = sf.Hybrid(base, think, sae, vectors, bias, sae_layer=args.sae_layer, steer_layer=args.steer_layer,
+                          coefs=_numbers(args.coefs, float, "coefs"), windows=_numbers(args.windows, int, "windows"),
+                          gate=args.gate, threshold=args.threshold, tokenizers=(base_tok, think_tok))
+            gens.append(HybridGenerator(h, base_tok, think_tok, args.max_new_tokens, base_t, think_t, stops,
+                                        info=dict(info, base_model=str(args.base_model),
+                                                  thinking_model=str(args.thinking_model), sae=str(args.sae),
+                                                  vectors=str(args.vectors),
+                                                  **({"paper_config": paper.name} if paper else {})),
+                                        category_names=names))
+    for g in gens:
+        evaluate(problems, g, args.out, batch_size=args.batch_size, progress=progress, rank=rank, world=world)
+    if rank == 0:
+        summary = write_summary(args.out, problems, names)
+        print(markdown(summary), end="")
+        written = [Path(args.out) / f for f in ("summary.json", "summary.md", "summary.png")]
+        print(f"results: {', '.join(str(f) for f in written if f.exists())}")
+    return 0

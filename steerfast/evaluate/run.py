@@ -24,6 +24,7 @@ models stay on each rank's own device), and rank 0 merges after the barrier.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -34,6 +35,9 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 from ..errors import InvalidInputError, SequenceTooLongError
+from ..progress import bar as progress_bar
+from ..progress import enabled as progress_enabled
+from . import lock
 from ..trace_html import render_trace_html
 from .answers import extract_answer, grade
 from .data import (BASE_STOP_STRINGS, BASE_TEMPLATE, THINKING_TEMPLATE, Problem, base_prompt, cut_at_stops,
@@ -60,9 +64,26 @@ class Completion:
 class Generator(Protocol):
     run: str
 
-    def generate(self, questions: Sequence[str]) -> list[Completion]: ...
+    def generate(self, questions: Sequence[str]) -> list[Completion]: ...  # may take on_tokens=, see _Stream
 
     def config(self) -> dict: ...
+
+
+class _Stream:
+    """A decode loop's callback(step, tokens) -> on_tokens(n): how many sequences, not yet past
+    their stop token, gained a token this step (what a tokens bar counts)."""
+
+    def __init__(self, on_tokens, n: int, eos):
+        self.on_tokens, self.done, self.eos = on_tokens, [False] * n, set(eos)
+
+    def __call__(self, step, tokens):
+        n = 0
+        for b, t in enumerate(tokens):
+            if not self.done[b]:
+                n += 1
+                self.done[b] = t in self.eos
+        if n:
+            self.on_tokens(n)
 
 
 def default_eos(model, tokenizer) -> list[int]:
@@ -105,9 +126,11 @@ class BaseGenerator:
     def prompt(self, question: str) -> list[int]:
         return base_prompt(self.tokenizer, question, self.template)
 
-    def generate(self, questions):
+    def generate(self, questions, on_tokens=None):
+        """on_tokens(n): called as tokens are made (a callback that syncs each step: only for a bar)."""
+        cb = None if on_tokens is None else _Stream(on_tokens, len(questions), self.eos)
         outs = self.model.generate([self.prompt(q) for q in questions], self.max_new_tokens,
-                                   eos_token_id=self.eos or None)
+                                   eos_token_id=self.eos or None, callback=cb)
         return [Completion(cut_at_stops(_decode(self.tokenizer, o), self.stop_strings), len(o),
                            bool(o) and o[-1] in self.eos) for o in outs]
 
@@ -143,10 +166,15 @@ class HybridGenerator:
         self.eos = list(eos_ids) if eos_ids is not None else default_eos(hybrid.base, base_tokenizer)
         self.info = dict(info or {})
 
-    def generate(self, questions):
+    def generate(self, questions, on_tokens=None):
+        """on_tokens(n): tokens made, per step where `Hybrid.generate` takes a callback, else per batch."""
         bp = [base_prompt(self.base_tok, q, self.base_template) for q in questions]
         tp = [thinking_prompt(self.think_tok, q, self.thinking_template) for q in questions]
-        res = self.hybrid.generate(bp, tp, self.max_new_tokens, eos_token_id=self.eos or None)
+        stream = on_tokens is not None and _accepts(self.hybrid.generate, "callback")
+        kw = dict(callback=_Stream(on_tokens, len(questions), self.eos)) if stream else {}
+        res = self.hybrid.generate(bp, tp, self.max_new_tokens, eos_token_id=self.eos or None, **kw)
+        if on_tokens is not None and not stream:
+            on_tokens(sum(len(t) for t in res.tokens))
         decode = lambda ids: _decode(self.base_tok, ids)  # noqa: E731
         out = []
         for i, (toks, steered, cats) in enumerate(zip(res.tokens, res.steered, res.category)):
@@ -301,17 +329,17 @@ def _record(p: Problem, run: str, c: Completion | None, gen_s: float, rank: int,
     return rec
 
 
-def _generate(generator, batch: list[Problem], rank: int, run_dir: Path) -> list[dict]:
+def _generate(generator, batch: list[Problem], rank: int, run_dir: Path, **kw) -> list[dict]:
     """Records for a batch (a completion's HTML trace goes to run_dir/traces/<idx>.html); a prompt
     too long for the cache is retried alone and recorded as an error (graded wrong) rather than
-    stopping the run."""
+    stopping the run. kw: on_tokens, for generators that stream their progress."""
     t0 = time.perf_counter()
     try:
-        comps = generator.generate([p.question for p in batch])
+        comps = generator.generate([p.question for p in batch], **kw)
     except SequenceTooLongError as e:
         if len(batch) == 1:
             return [_record(batch[0], generator.run, None, time.perf_counter() - t0, rank, f"{type(e).__name__}: {e}")]
-        return [r for p in batch for r in _generate(generator, [p], rank, run_dir)]
+        return [r for p in batch for r in _generate(generator, [p], rank, run_dir, **kw)]
     dt = time.perf_counter() - t0
     if len(comps) != len(batch):
         raise RuntimeError(f"{type(generator).__name__}.generate returned {len(comps)} completions for {len(batch)}")
@@ -327,16 +355,34 @@ def _generate(generator, batch: list[Problem], rank: int, run_dir: Path) -> list
     return recs
 
 
+def _accepts(fn, name: str) -> bool:
+    """Whether `fn` takes keyword `name` (generators written before it existed do not)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 def evaluate(problems: Sequence[Problem], generator: Generator, out_dir, *, batch_size: int = 8,
-             progress: bool = True, rank: int | None = None, world: int | None = None) -> list[dict] | None:
+             progress: bool | None = None, rank: int | None = None, world: int | None = None) -> list[dict] | None:
     """Run `generator` over the problems not yet finished in OUT/<generator.run>/, appending each
     batch's records as it finishes; then (rank 0) merge and return every problem's record, in
-    problem order. Under torch.distributed each rank takes its share and returns None but rank 0."""
+    problem order. Under torch.distributed each rank takes its share and returns None but rank 0.
+
+    The shard is locked for the run (`lock`): a second process writing the same shard fails at once.
+    progress (rank 0): a bar of problems and, when the generator takes `on_tokens`, one of the
+    tokens of the batch in flight; None: on when stderr is a terminal (`steerfast.progress`)."""
     if batch_size < 1:
         raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
     rank, world = _rank_world(rank, world)
+    run_dir = Path(out_dir) / generator.run
+    with lock.locked([run_dir], rank):
+        return _evaluate(problems, generator, run_dir, batch_size, progress, rank, world)
+
+
+def _evaluate(problems, generator, run_dir: Path, batch_size: int, progress, rank: int, world: int):
     run = generator.run
-    run_dir = Path(out_dir) / run
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_config(run_dir, dict(generator.config(), dataset=problems[0].dataset if problems else None), rank)
 
@@ -357,16 +403,24 @@ def evaluate(problems: Sequence[Problem], generator: Generator, out_dir, *, batc
     finished = [done[p.idx] for p in mine if p.idx in done]
     n_correct = sum(bool(r.get("correct")) for r in finished)
     n_done, tokens, secs = len(finished), 0, 0.0
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        desc = run if world == 1 else f"{run} [rank 0 of {world}]"
-        bar = tqdm(total=len(mine), initial=len(mine) - len(pending), desc=desc, unit="problem", dynamic_ncols=True)
+    show = rank == 0 and progress_enabled(progress)
+    desc = run if world == 1 else f"{run} [rank 0 of {world}]"
+    bar = progress_bar(total=len(mine), initial=len(mine) - len(pending), desc=desc, unit="problem",
+                       progress=show, position=0)
+    # a hybrid problem can take minutes: the second bar moves with its tokens, not only at its end
+    streams = show and _accepts(generator.generate, "on_tokens")
+    tok_bar = progress_bar(total=None, desc="tokens", unit="tok", progress=streams, position=1, leave=False)
+    n_batches = -(-len(pending) // batch_size)
     try:
-        for s in range(0, len(pending), batch_size):
+        for b, s in enumerate(range(0, len(pending), batch_size)):
             batch = pending[s:s + batch_size]
-            new = _generate(generator, batch, rank, run_dir)
+            kw = {}
+            if streams:
+                limit = getattr(generator, "max_new_tokens", None)
+                tok_bar.reset(total=len(batch) * limit if limit else None)
+                tok_bar.set_description(f"batch {b + 1}/{n_batches} tokens", refresh=False)
+                kw["on_tokens"] = tok_bar.update
+            new = _generate(generator, batch, rank, run_dir, **kw)
             with open(shard, "a", encoding="utf-8") as fh:
                 fh.write(_dumps(new))
                 fh.flush()
@@ -375,13 +429,12 @@ def evaluate(problems: Sequence[Problem], generator: Generator, out_dir, *, batc
             n_correct += sum(r["correct"] for r in new)
             tokens += sum(r["n_tokens"] for r in new)
             secs += sum(r["gen_s"] for r in new)
-            if bar is not None:
-                bar.set_postfix(acc=f"{n_correct / n_done:.1%}", tok_s=f"{tokens / secs if secs else 0:.0f}",
-                                refresh=False)
-                bar.update(len(new))
+            bar.set_postfix(acc=f"{n_correct / n_done:.1%}", tok_s=f"{tokens / secs if secs else 0:.0f}",
+                            refresh=False)
+            bar.update(len(new))
     finally:
-        if bar is not None:
-            bar.close()
+        tok_bar.close()
+        bar.close()
     _barrier(world)
     if rank != 0:
         return None

@@ -4,6 +4,8 @@ tokens per category; across runs the gap the hybrid recovers. As JSON and as a m
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -115,11 +117,82 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def figure_data(summary: dict) -> dict:
+    """What `summary_figure` draws: per run accuracy and its 95% interval, the hybrid's steered
+    shares (graded / all tokens). Saved beside the pixels in the PNG's Description."""
+    runs = summary["runs"]
+    steered = {n: dict(graded=s["steered_share"], all=s.get("steered_share_raw", s["steered_share"]))
+               for n, s in runs.items() if n == "hybrid" or s["steered_tokens"]}
+    return dict(runs=list(runs), accuracy=[runs[n]["accuracy"] for n in runs],
+                ci95=[list(runs[n]["ci95"]) for n in runs], n=[runs[n]["n"] for n in runs], steered_share=steered,
+                gap_recovered=(summary.get("gap") or {}).get("gap_recovered"))
+
+
+def _title(summary: dict) -> str:
+    ds = summary.get("dataset")
+    return f"{ds if isinstance(ds, str) else ', '.join(ds) or 'evaluation'}: {summary.get('n_problems', 0)} problems"
+
+
+def summary_figure(summary: dict):
+    """A matplotlib figure of the summary: accuracy per run with its 95% Wilson interval, and the
+    share of steered tokens of the runs that steer (graded tokens and all tokens)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = figure_data(summary)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6), gridspec_kw=dict(width_ratios=[max(2, len(d["runs"])), 2]))
+    acc = [float("nan") if x is None else x for x in d["accuracy"]]
+    err = [[max(0.0, x - lo) for x, (lo, _) in zip(acc, d["ci95"])], [max(0.0, hi - x) for x, (_, hi) in
+                                                                       zip(acc, d["ci95"])]]
+    bars = a.bar(d["runs"], acc, yerr=err, capsize=6, color=["#8c8c8c", "#4c72b0", "#dd8452", "#55a868"][:len(acc)])
+    for r, x, n in zip(bars, acc, d["n"]):
+        if x == x:
+            a.annotate(f"{100 * x:.1f}%\n(n={n})", (r.get_x() + r.get_width() / 2, x), xytext=(0, 3),
+                       textcoords="offset points", ha="center", va="bottom", fontsize=8)
+    a.set_ylim(0, 1.15)
+    a.set_ylabel("accuracy (95% Wilson interval)")
+    gap = d["gap_recovered"]
+    a.set_title("accuracy" + (f"; gap recovered {100 * gap:.1f}%" if gap is not None else ""), fontsize=10)
+    names = list(d["steered_share"])
+    x = range(len(names))
+    graded = [d["steered_share"][n]["graded"] for n in names]
+    raw = [d["steered_share"][n]["all"] for n in names]
+    b.bar([i - 0.2 for i in x], graded, width=0.4, label="graded tokens", color="#dd8452")
+    b.bar([i + 0.2 for i in x], raw, width=0.4, label="all tokens", color="#f0b78f")
+    b.set_xticks(list(x), names)
+    b.set_ylim(0, max([0.05, *graded, *raw]) * 1.2)
+    b.set_ylabel("steered share")
+    b.set_title("steered tokens" if names else "steered tokens (no run steers)", fontsize=10)
+    if names:
+        b.legend(fontsize=8)
+    fig.suptitle(_title(summary), fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_summary(summary: dict, path) -> None:
+    """PNG of `summary_figure`, with `figure_data` as JSON in its Description (readable without pixels)."""
+    import matplotlib.pyplot as plt
+
+    fig = summary_figure(summary)
+    fig.savefig(str(path), format="png", dpi=110, metadata={"Title": _title(summary),
+                                                            "Description": json.dumps(figure_data(summary))})
+    plt.close(fig)
+
+
 def write_summary(out_dir, problems: Sequence[Problem] | None = None,
                   category_names: Sequence[str] | None = None) -> dict:
-    """Write OUT/summary.json and OUT/summary.md; return the summary."""
+    """Write OUT/summary.json, OUT/summary.md and (with matplotlib) OUT/summary.png; return the summary."""
     out_dir = Path(out_dir)
     s = summarize(out_dir, problems, category_names)
     _atomic_write(out_dir / "summary.json", json.dumps(s, indent=2, ensure_ascii=False) + "\n")
     _atomic_write(out_dir / "summary.md", markdown(s))
+    if s["runs"]:
+        try:
+            tmp = out_dir / f".summary.png.tmp{os.getpid()}"
+            plot_summary(s, tmp)
+            os.replace(tmp, out_dir / "summary.png")
+        except ImportError:  # matplotlib is optional (the eval / research extras): the JSON and table stand
+            print("note: no matplotlib, so no summary.png (pip install 'steerfast[research]')", file=sys.stderr)
     return s
