@@ -1,7 +1,6 @@
 """`steerfast demo`: a miniature of Venhoff et al. (2025) that runs on a laptop CPU.
 
-Trains a tiny base model (three-digit... two-digit addition, mostly answered directly, a minority
-step by step) and a thinking model (the base model further trained to always reason first), caches
+Trains a tiny base model (two-digit addition, mostly answered directly, a minority step by step) and a thinking model (the base model further trained to always reason first), caches
 both as Hugging Face checkpoints, runs the paper's pipeline on them (traces, labelled sentences,
 activations, taxonomy SAE, steering vectors) and `steerfast eval` of the base model, the thinking
 model and the hybrid on a held-out set: OUT/summary.json and OUT/summary.md as `steerfast eval`
@@ -20,6 +19,11 @@ import time
 from pathlib import Path
 
 
+# --small: every stage at a reduced size (seconds), for tests; the numbers mean nothing
+SMALL_RECIPE = dict(base_steps=40, think_steps=20)
+SMALL_SETTINGS = dict(n_traces=24, n_latents=(5, 6, 7), sae_epochs=20, vector_epochs=1, vector_examples=8)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = __doc__
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -32,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch (default 1: tiny models gain nothing from more, and lose a lot "
                         "when the cores are shared)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, only the table")
-    p.add_argument("--small", action="store_true", help="a reduced run (tests): fewer steps and problems")
+    p.add_argument("--small", action="store_true", help="every stage at a reduced size, in seconds (tests; "
+                                                        "the accuracies mean nothing)")
 
 
 def _log(args, msg):
@@ -49,19 +54,17 @@ def run(args) -> int:
     t_start = time.perf_counter()
     if args.quiet:
         os.environ["STEERFAST_QUIET"] = "1"
-    progress = not args.quiet and sys.stderr.isatty()
+    from steerfast.progress import enabled
+
+    progress = enabled()  # bars on a terminal, none under --quiet / STEERFAST_QUIET or in a pipe
     torch.set_num_threads(max(1, args.threads))
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # its checkpoint-writing bars, whatever --quiet says
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float32
-    recipe = Recipe(n_eval=args.n_eval)
-    settings = pipeline.Settings()
-    if args.small:
-        recipe = Recipe(base_steps=40, think_steps=20, n_eval=args.n_eval)
-        settings = pipeline.Settings(n_traces=24, n_latents=(5, 6, 7), sae_epochs=20, vector_epochs=1,
-                                     vector_examples=8)
+    recipe = Recipe(**{**(SMALL_RECIPE if args.small else {}), "n_eval": args.n_eval})
+    settings = pipeline.Settings(**(SMALL_SETTINGS if args.small else {}))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     heldout = task.problems(recipe.n_eval, recipe.heldout_seed)

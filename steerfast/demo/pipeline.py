@@ -100,7 +100,7 @@ def taxonomy(think, recs, s: Settings, out: Path, progress: bool):
     names = []
     for c in range(best.sae.n_latents):
         kinds = Counter(lab for lab, k in zip(a.labels, cats.tolist()) if k == c)
-        top = kinds.most_common(1)[0][0] if kinds else "unused"
+        top = (kinds.most_common(1)[0][0] or "unlabelled") if kinds else "unused"
         names.append(f"{c}:{top}")
         tax[c]["kinds"] = dict(kinds)
     (out / "taxonomy.json").write_text(json.dumps(dict(n_latents=n, purity=purity, names=names, categories=tax,
@@ -125,6 +125,8 @@ def vectors(base, tok, recs, a, cats, sae, s: Settings, out: Path, progress: boo
     g = torch.Generator().manual_seed(s.seed)
     traces_ex, cat_ex = [], {}
     for rec in recs:
+        if not rec.spans:  # an empty answer: nothing to learn from
+            continue
         p0 = rec.spans[0].start
         traces_ex.append(research.Example(rec.ids[:p0], rec.ids[p0:]))
     for key, members in sorted(by_cat.items()):

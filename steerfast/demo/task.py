@@ -1,18 +1,18 @@
-"""The miniature's task: three-digit addition. A direct answer ("The answer is 632.") asks a tiny
-model to resolve every carry in one forward pass; a step-by-step answer makes each token local
-(one column, one carry). Every sentence of a step-by-step answer has a kind known by construction,
-which serves as the labeller of the research pipeline.
+"""The miniature's task: two-digit addition. A direct answer ("The answer is 132.") asks a tiny
+model to resolve the carry and the hundreds digit in one forward pass; a step-by-step answer makes
+each token local (one column, one carry, then a copy). Every sentence of a step-by-step answer has
+a kind known by construction, which serves as the research pipeline's labeller.
 
-    Question: What is 347+285?
-    direct:        The answer is 632.
-    step by step:  We add 347 and 285.            restate
+    Question: What is 47+85?
+    direct:        The answer is 132.
+    step by step:  We add 47 and 85.              restate
                    Ones: 7+5=12.                  compute
                    Carry 1.                       carry
                    Tens: 4+8+1=13.                compute
-                   Carry 1.                       carry
-                   Hundreds: 3+2+1=6.             compute
-                   Reading the digits: 632.       collect
-                   So the answer is 632.          answer
+                   So the answer is 132.          answer
+
+The step-by-step answer ends with its own phrase ("So the answer is"), so a model that has
+mostly seen direct answers still copies its result there instead of guessing afresh.
 """
 from __future__ import annotations
 

@@ -105,10 +105,8 @@ def train(model, make_example, steps: int, batch: int, lr: float, seed: int, des
     return losses
 
 
-def train_pair(r: Recipe, out: Path, progress: bool = True, device="cpu", exclude: set | None = None) -> dict:
-    """Train the tokenizer, the base model and (from it) the thinking model; save both as HF
-    directories out/base and out/thinking. exclude: (a, b) pairs never trained on (held-out set)."""
-    tok = task.train_tokenizer(r.vocab, r.seed)
+def sampler(exclude: set | None = None):
+    """draw(rng) -> a random training problem, never one of `exclude` ((a, b) pairs)."""
     exclude = set(exclude or ())
 
     def draw(rng):
@@ -116,6 +114,14 @@ def train_pair(r: Recipe, out: Path, progress: bool = True, device="cpu", exclud
             p = task.Problem(*task.draw(rng))
             if (p.a, p.b) not in exclude:
                 return p
+    return draw
+
+
+def train_pair(r: Recipe, out: Path, progress: bool = True, device="cpu", exclude: set | None = None) -> dict:
+    """Train the tokenizer, the base model and (from it) the thinking model; save both as HF
+    directories out/base and out/thinking. exclude: (a, b) pairs never trained on (held-out set)."""
+    tok = task.train_tokenizer(r.vocab, r.seed)
+    draw = sampler(exclude)
 
     def base_ex(rng):
         p = draw(rng)
