@@ -123,11 +123,12 @@ def _write_shard(path: Path, tensors: dict, labels: list, texts: list) -> None:
 
 def extract_activations(model, records: Sequence[Record], layer: int, out_dir, *, mode: str = "sentence",
                         point: str = "output", offset: int = -12, width: int = 5, shard_size: int = 256,
-                        batch_size: int = 16, progress: bool = True, model_name: str | None = None) -> Path:
+                        batch_size: int = 16, progress: bool | None = None, model_name: str | None = None) -> Path:
     """Capture activations of `records` after (point="output") or before ("input") decoder `layer`
     and write them to `out_dir` as safetensors shards (see `span_rows` for `mode`). Resumes an
-    interrupted run in the same directory; returns the directory. Read back with `load_activations`."""
-    from tqdm.auto import tqdm
+    interrupted run in the same directory; returns the directory. Read back with `load_activations`.
+    progress: a bar of sequences (None: on a terminal, see `steerfast.progress`)."""
+    from ..progress import bar as progress_bar
 
     check_layer(model, layer, point)
     if mode not in MODES:
@@ -150,9 +151,9 @@ def extract_activations(model, records: Sequence[Record], layer: int, out_dir, *
         meta_path.write_text(json.dumps(meta, indent=1))
     n_shards = -(-len(records) // shard_size)
     todo = [i for i in range(n_shards) if not (out / f"shard-{i:05d}.safetensors").exists()]
-    bar = tqdm(total=len(records), initial=len(records) - sum(len(records[i * shard_size:(i + 1) * shard_size])
-                                                             for i in todo),
-               desc=f"activations L{layer} {point}", unit="seq", disable=not progress)
+    n_done = len(records) - sum(len(records[i * shard_size:(i + 1) * shard_size]) for i in todo)
+    bar = progress_bar(total=len(records), initial=n_done, desc=f"activations L{layer} {point}", unit="seq",
+                       progress=progress)
     for i in todo:
         recs = records[i * shard_size:(i + 1) * shard_size]
         per_rec = {}

@@ -37,6 +37,22 @@ def logit_lens(model, vector: torch.Tensor, top: int = 10, tokenizer=None) -> li
     return [(i, tokenizer.decode([i]), v) for i, v in zip(ids.tolist(), vals.tolist())]
 
 
+def token_label(tokenizer, token_id: int) -> str:
+    """How to print a token: its id and the repr of its text (`123 ' Wait'`), `<id 123: undecodable>`
+    when it decodes to nothing or only to U+FFFD (a byte-level piece of a character), and the bare
+    id without a tokenizer."""
+    token_id = int(token_id)
+    if tokenizer is None:
+        return f"{token_id}"
+    try:
+        text = tokenizer.decode([token_id])
+    except Exception:  # a tokenizer that cannot decode this id at all
+        text = ""
+    if not text or set(text) <= {"\ufffd"}:
+        return f"<id {token_id}: undecodable>"
+    return f"{token_id} {text!r}"
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten().to(a.device), dim=0))
 
@@ -123,9 +139,11 @@ def generate_scaled(model, prompts: Sequence[Sequence[int]], layer: int, magnitu
 
 def emission_sweep(model, prompts: Sequence[Sequence[int]], vectors: dict[str, torch.Tensor | None], layer: int,
                    magnitudes: Sequence[float], token_ids, *, max_new_tokens: int = 64, normalize: bool = True,
-                   positions: str = "all", eos_token_id="default") -> dict:
+                   positions: str = "all", eos_token_id="default", progress: bool | None = None) -> dict:
     """For each vector (None: the SCALE baseline) and magnitude, greedy generations steered at the
-    output of `layer`, and their emission rate of `token_ids`. -> a JSON-ready dict."""
+    output of `layer`, and their emission rate of `token_ids`. -> a JSON-ready dict. progress: a
+    bar over (vector, magnitude) runs (None: on a terminal, see `steerfast.progress`)."""
+    from ..progress import bar
     from ..steering import Steering
 
     if isinstance(token_ids, dict):
@@ -137,9 +155,11 @@ def emission_sweep(model, prompts: Sequence[Sequence[int]], vectors: dict[str, t
                   n_prompts=len(prompts), series={})
     eos = (list(model.args.eos_token_ids) if eos_token_id == "default" else [] if eos_token_id is None else
            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    pbar = bar(total=len(vectors) * len(magnitudes), desc="sweep", unit="run", progress=progress)
     for name, v in vectors.items():
         rows = []
         for m in magnitudes:
+            pbar.set_postfix(vector=name, magnitude=f"{float(m):g}", refresh=False)
             if v is None:
                 gens = [_trim(g, eos) for g in generate_scaled(model, prompts, layer, float(m), max_new_tokens,
                                                                positions)]
@@ -148,7 +168,9 @@ def emission_sweep(model, prompts: Sequence[Sequence[int]], vectors: dict[str, t
                 gens = model.generate([list(p) for p in prompts], max_new_tokens, eos_token_id=eos_token_id,
                                       steering=Steering(u, layer, coef=float(m), positions=positions))
             rows.append(dict(magnitude=float(m), **emission_rate(gens, token_ids)))
+            pbar.update(1)
         result["series"][name] = rows
+    pbar.close()
     return result
 
 
@@ -160,26 +182,72 @@ def _trim(row: list[int], stops) -> list[int]:
     return row
 
 
-def plot_sweep(result: dict, path) -> None:
-    """PNG of emission rate against magnitude, one line per vector or baseline (needs matplotlib:
-    the `research` extra)."""
+def _token_names(result: dict) -> str:
+    """The tokens a sweep counts, with their ids: `' Wait' (id 14), ' But' (id 3)`."""
+    ids = result["token_ids"]
+    names = result.get("token_strings") or {}
+    by_id = {int(t): s for s, t in names.items()}
+    return ", ".join(f"{by_id[t]!r} (id {t})" if by_id.get(t, str(t)) != str(t) else f"id {t}" for t in ids)
+
+
+BASELINE_STYLES = {"random": ("--", "s"), "mean_activation": (":", "^"), SCALE: ("-.", "D")}
+
+
+def sweep_figure(result: dict):
+    """The sweep as a matplotlib figure: rate against magnitude, one line per series. Vectors are
+    solid lines with round markers; each baseline has its own dash pattern and marker shape, and
+    later lines draw thinner with smaller markers, so lines that coincide (the baselines often do:
+    all at the unsteered rate) still show each one, and each is in the legend."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("the sweep plot needs matplotlib: pip install 'steerfast[research]'") from None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, rows in result["series"].items():
-        ax.plot([r["magnitude"] for r in rows], [r["rate"] for r in rows], marker="o", label=name)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    series = list(result["series"].items())
+    vector_markers = iter(["o", "v", "P", "X", "*", "h", "p", "<", ">"] * 8)
+    for i, (name, rows) in enumerate(series):
+        ls, marker = BASELINE_STYLES.get(name) or ("-", next(vector_markers))
+        shrink = i / max(1, len(series) - 1)  # first drawn largest: a coinciding later line stays visible on top
+        ax.plot([r["magnitude"] for r in rows], [r["rate"] for r in rows], linestyle=ls, marker=marker,
+                markersize=9 - 4 * shrink, linewidth=2.4 - 1.2 * shrink, label=name, zorder=2 + i,
+                markerfacecolor="none" if i % 2 else None)
     ax.set_xlabel("steering magnitude" + (" (added norm)" if result.get("normalize") else " (coefficient)"))
-    ax.set_ylabel("emission rate")
-    words = result.get("token_strings")
-    ax.set_title(f"layer {result['layer']}: " + (", ".join(map(repr, words)) if words else "chosen tokens"))
+    ax.set_ylabel("rate of the chosen tokens (share of new tokens)")
+    top = max((r["rate"] for _, rows in series for r in rows), default=0.0)
+    ax.set_ylim(0, top * 1.15 if top > 0 else 0.05)  # a rate: never below 0, not squashed to a line when all 0
+    title = f"steering after layer {result['layer']}: rate of {_token_names(result)}"
+    ax.set_title(title, fontsize=9, wrap=True)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(str(path), dpi=120)
+    return fig
+
+
+def plot_sweep(result: dict, path) -> None:
+    """PNG of `sweep_figure` (needs matplotlib: the `research` extra); its title and the plotted
+    series are in the PNG's metadata (Title, Description) too."""
+    import matplotlib.pyplot as plt
+
+    fig = sweep_figure(result)
+    fig.savefig(str(path), dpi=120, metadata={"Title": fig.axes[0].get_title(),
+                                              "Description": json.dumps(dict(
+                                                  magnitudes=result["magnitudes"],
+                                                  series={n: [r["rate"] for r in rows]
+                                                          for n, rows in result["series"].items()}))})
     plt.close(fig)
+
+
+def sweep_table(result: dict) -> str:
+    """The sweep's rates as text: a header row of the magnitudes, then one row per series."""
+    names = list(result["series"])
+    w = max([16, *map(len, names)])
+    mags = [f"{m:g}" for m in result["magnitudes"]]
+    cw = max([6, *map(len, mags)])
+    lines = [f"rate of {_token_names(result)} by steering magnitude",
+             f"{'magnitude':>{w}}: " + " ".join(f"{m:>{cw}}" for m in mags)]
+    lines += [f"{n:>{w}}: " + " ".join(f"{r['rate']:>{cw}.3f}" for r in rows) for n, rows in result["series"].items()]
+    return "\n".join(lines) + "\n"
 
 
 def save_sweep(result: dict, json_path, png_path=None) -> None:

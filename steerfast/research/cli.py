@@ -38,26 +38,41 @@ def _model_args(p):
     p.add_argument("--batch-size", type=int, default=16)
 
 
-def _load(args):
+def _tokenizer(args):
+    """--tokenizer's tokenizer (an error naming the flag if it does not load), else --model's when
+    its directory has one, else None (token-id inputs only). Loaded before the model: cheap checks first."""
+    from transformers import AutoTokenizer
+
+    from ..errors import InvalidInputError
+    if args.tokenizer:
+        try:
+            return AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+        except (ValueError, OSError, TypeError, KeyError) as e:
+            raise InvalidInputError(f"--tokenizer {args.tokenizer}: no tokenizer loads from it ({type(e).__name__}: "
+                                    f"{(str(e).strip().splitlines() or [''])[0]})") from None
+    if args.model:
+        try:
+            return AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        except Exception:  # a model directory without tokenizer files: token-id inputs only
+            return None
+    return None
+
+
+def _model(args):
     import steerfast as sf
     from steerfast.cli import DTYPES
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
     if args.model:
-        model = sf.load_model(args.model, device=device, dtype=dtype)
-    else:
-        from steerfast.presets import random_hf_model
-        model = sf.load_model(random_hf_model(args.random, device=device, dtype=dtype), device=device, dtype=dtype)
-    tok_dir = args.tokenizer or args.model
-    tokenizer = None
-    if tok_dir:
-        try:
-            from transformers import AutoTokenizer
-            tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-        except Exception:  # a directory without tokenizer files: token-id inputs only
-            tokenizer = None
-    return model, tokenizer, args.model or f"random:{args.random}"
+        return sf.load_model(args.model, device=device, dtype=dtype)
+    from steerfast.presets import random_hf_model
+    return sf.load_model(random_hf_model(args.random, device=device, dtype=dtype), device=device, dtype=dtype)
+
+
+def _load(args):
+    tokenizer = _tokenizer(args)
+    return _model(args), tokenizer, args.model or f"random:{args.random}"
 
 
 def _callable(spec: str | None):
@@ -220,7 +235,7 @@ def _optimize(args) -> int:
     from .vectors import save_vector_set
     model, tok, name = _load(args)
     kw = dict(point=args.point, lr=args.lr, epochs=args.epochs, patience=args.patience, seed=args.seed,
-              batch_size=args.batch_size, progress=True)
+              batch_size=args.batch_size)
     by_label: dict = {}
     for e in read_examples(args.input, tok):
         by_label.setdefault(e.label or "vector", []).append(e)
@@ -241,18 +256,22 @@ def _optimize(args) -> int:
 
 
 def _sae(args) -> int:
+    from ..errors import InvalidInputError
     from .activations import load_activations
     from .figures import save_taxonomy_grid, taxonomy_grid
     from .sae_train import sae_grid, taxonomy
+    if args.k < 1 or not args.n_latents or min(args.n_latents) < args.k:  # before any training
+        raise InvalidInputError(f"--k {args.k} with --n-latents {','.join(map(str, args.n_latents)) or '(none)'}: "
+                                f"k must be in [1, n_latents={min(args.n_latents, default=0)}] (each SAE keeps its "
+                                "k largest latents); lower --k or raise --n-latents")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = []
     for d in args.activations:
         acts = load_activations(d)
         if acts.meta["mode"] != "sentence":
-            print(f"error: {d} holds mode {acts.meta['mode']!r} activations; the taxonomy uses sentence means",
-                  file=sys.stderr)
-            return 2
+            raise InvalidInputError(f"--activations {d} holds mode {acts.meta['mode']!r} activations; the taxonomy "
+                                    "uses sentence means (activations --mode sentence)")
         sentences = [t if t is not None else f"record {r} span {s}" for t, r, s in
                      zip(acts.texts, acts.record.tolist(), acts.span.tolist())]
         layer = acts.meta["layer"]
@@ -275,22 +294,35 @@ def _sae(args) -> int:
     return 0
 
 
-def _chosen_tokens(args, tok) -> dict | None:
-    """{string: id} from --token-ids or --tokens (None, with the error printed, without a tokenizer)."""
+def _chosen_tokens(args, tok, decode_ids: bool = False) -> dict:
+    """{string: id} from --token-ids or --tokens; an error naming the flag when a string is not one
+    token or there is no tokenizer to encode it. --token-ids are keyed by the id ("4"), or with
+    decode_ids by their text when every one decodes to a distinct non-empty text (a plot's names)."""
+    from ..errors import InvalidInputError
+    from .analysis import token_ids_for
     if args.token_ids:
+        texts = [tok.decode([t]) for t in args.token_ids] if decode_ids and tok is not None else []
+        if texts and all(texts) and len(set(texts)) == len(texts):
+            return dict(zip(texts, args.token_ids))
         return {str(t): t for t in args.token_ids}
     if tok is None:
-        print("error: --tokens needs a tokenizer; pass --token-ids", file=sys.stderr)
-        return None
-    from .analysis import token_ids_for
-    return token_ids_for(tok, args.tokens)
+        raise InvalidInputError("--tokens needs a tokenizer (--tokenizer, or one in --model's directory); "
+                                "pass --token-ids instead")
+    try:
+        return token_ids_for(tok, args.tokens)
+    except InvalidInputError as e:
+        raise InvalidInputError(f"--tokens {' '.join(map(repr, args.tokens))}: {e}; pass single-token strings "
+                                "with --tokens or ids with --token-ids") from None
 
 
 def _logit_lens(args) -> int:
     from .analysis import logit_lens
     from .figures import logit_lens_by_layer, plot_logit_lens_by_layer
+    from .analysis import token_label
     from .vectors import load_vector
-    model, tok, _ = _load(args)
+    tok = _tokenizer(args)
+    token_ids = _chosen_tokens(args, tok) if args.out else None  # a bad --tokens fails before the model loads
+    model = _model(args)
     by_name: dict = {}  # name -> {layer: vector}
     for path in args.vector:
         v, meta = load_vector(path)
@@ -302,13 +334,10 @@ def _logit_lens(args) -> int:
             rows = {meta.get("name", "vector"): v}
         for n, vec in rows.items():
             print(f"{n} (layer {meta.get('layer')}): " + ", ".join(
-                f"{t[1]!r} {t[-1]:.2f}" if tok else f"{t[0]} {t[-1]:.2f}" for t in logit_lens(model, vec, args.top, tok)))
+                f"{token_label(tok, t[0])} {t[-1]:.2f}" for t in logit_lens(model, vec, args.top)))
             by_name.setdefault(str(n), {})[int(meta.get("layer", -1))] = vec
     if not args.out:
         return 0
-    token_ids = _chosen_tokens(args, tok)
-    if token_ids is None:
-        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lens = {n: logit_lens_by_layer(model, layers, token_ids) for n, layers in by_name.items()}
@@ -325,17 +354,16 @@ def _logit_lens(args) -> int:
 
 def _sweep(args) -> int:
     from .activations import layer_activations
-    from .analysis import baselines, emission_sweep, save_sweep
+    from .analysis import baselines, emission_sweep, save_sweep, sweep_table
     from .spans import read_jsonl
     from .vectors import load_vector, load_vectors, steering_layer
-    model, tok, _ = _load(args)
-    vectors = load_vectors(args.vector)
+    tok = _tokenizer(args)
+    token_ids = _chosen_tokens(args, tok, decode_ids=True)  # a bad --tokens fails before the model loads
+    vectors = load_vectors(args.vector, unique=True)  # two files' "backtracking" stay two rows
     _, meta = load_vector(args.vector[0])
     layer = args.layer if args.layer is not None else steering_layer(int(meta["layer"]), meta.get("point", "output"))
     prompts = [r.ids for r in read_jsonl(args.prompts, tok)]
-    token_ids = _chosen_tokens(args, tok)
-    if token_ids is None:
-        return 2
+    model = _model(args)
     sweep = dict(vectors)
     if not args.no_baselines:
         first = next(iter(vectors.values()))
@@ -348,6 +376,5 @@ def _sweep(args) -> int:
         save_sweep(res, out / "sweep.json", out / "sweep.png")
     except ImportError as e:  # the JSON is written first; the plot is optional
         print(f"note: {e}; wrote {out / 'sweep.json'} only", file=sys.stderr)
-    for name, rows in res["series"].items():
-        print(f"{name:>16}: " + " ".join(f"{r['rate']:.3f}" for r in rows))
+    print(sweep_table(res), end="")
     return 0

@@ -81,10 +81,11 @@ def train_vector(model, examples: Sequence[Example], layer: int, *, point: str =
                  bias: torch.Tensor | None = None, eval_examples: Sequence[Example] | None = None,
                  lr: float = 1e-2, epochs: int = 20, batch_size: int = 8, patience: int = 3,
                  min_delta: float = 1e-4, init_norm: float = 1.0, seed: int = 0,
-                 progress: bool = False) -> TrainResult:
+                 progress: bool | None = None) -> TrainResult:
     """Train one vector (added as bias + vector, the bias held fixed). Early stopping watches the
-    held-out loss on `eval_examples` (default: the training examples) once per epoch."""
-    from tqdm.auto import tqdm
+    held-out loss on `eval_examples` (default: the training examples) once per epoch. progress: a
+    bar of batches with the losses (None: on a terminal, see `steerfast.progress`)."""
+    from ..progress import bar
 
     check_layer(model, layer, point)
     steering_layer(layer, point)  # refuses the input of layer 0 before any work
@@ -105,7 +106,8 @@ def train_vector(model, examples: Sequence[Example], layer: int, *, point: str =
         opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, epochs * n_batches) / (epochs * n_batches))))
     baseline = eval_loss(model, eval_examples, layer, fixed if bias is not None else None, point=point)
     best, best_vec, stale, history = float("inf"), vec.detach().clone(), 0, []
-    for epoch in tqdm(range(epochs), desc=f"vector L{layer}", disable=not progress):
+    pbar = bar(total=epochs * n_batches, desc=f"vector L{layer}", unit="batch", progress=progress)
+    for epoch in range(epochs):
         order = torch.randperm(len(examples), generator=g).tolist()
         total, n_tok = 0.0, 0
         for i in range(0, len(order), batch_size):
@@ -118,14 +120,17 @@ def train_vector(model, examples: Sequence[Example], layer: int, *, point: str =
             opt.step()
             sched.step()
             total, n_tok = total + float(loss.detach()), n_tok + n
+            pbar.update(1)
         ev = eval_loss(model, eval_examples, layer, fixed + vec.detach(), point=point)
         history.append(dict(epoch=epoch, train_loss=total / n_tok, eval_loss=ev, lr=sched.get_last_lr()[0]))
+        pbar.set_postfix(epoch=epoch + 1, train=f"{total / n_tok:.4f}", held_out=f"{ev:.4f}")
         if ev < best - min_delta:
             best, best_vec, stale = ev, vec.detach().clone(), 0
         else:
             stale += 1
             if stale >= patience:
                 break
+    pbar.close()
     return TrainResult(best_vec.float(), baseline, best, history)
 
 

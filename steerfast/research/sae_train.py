@@ -8,6 +8,13 @@ W_enc = W_dec^T, decoder rows renormalised to unit norm after every step, Adam;
 loss = ||x_hat - x||^2 / ||x - mean(x)||^2 over the batch (fraction of variance unexplained);
 early stopping on a held-out split.
 
+FVU, everywhere here (`fvu`, the saved metadata, `score_taxonomy`, taxonomy.json):
+sum ||x_hat - x||^2 / sum ||x - mean(x)||^2 over a set of preprocessed rows, the mean that set's
+own. The metadata's "fvu" and the taxonomy's "fvu" are both over every row the SAE was trained
+from (train and held-out), so they agree; "fvu_train" and "fvu_heldout" split it. The held-out
+one is over few rows (10%) and centred on their own mean, so it is noisy and can exceed 1 on a
+small run: it picks the epoch to keep, it is not the taxonomy's score.
+
 The LLM-judged scores of the paper (completeness, independence, consistency) need a model the
 user chooses: pass `judge(metric, categories) -> float` (categories as `taxonomy` returns them).
 """
@@ -23,6 +30,8 @@ from ..errors import InvalidInputError
 from ..sae import TopKSAE
 
 JUDGE_METRICS = ("completeness", "independence", "consistency")
+FVU_DEFINITION = ("sum ||x_hat - x||^2 / sum ||x - mean(x)||^2 over the preprocessed rows of the named set "
+                  "(mean: that set's own); fvu: all rows trained from, fvu_train / fvu_heldout: the split")
 Judge = Callable[[str, list[dict]], float]
 
 
@@ -80,12 +89,14 @@ def _fvu(x, x_hat):
 def train_topk_sae(x: torch.Tensor, n_latents: int, k: int = 3, *, lr: float | None = None, epochs: int = 300,
                    batch_size: int = 512, patience: int = 10, val_frac: float = 0.1, center: bool = True,
                    normalize: bool = True, seed: int = 0, kmeans_restarts: int = 4,
-                   progress: bool = False) -> TopKSAE:
+                   progress: bool | None = None) -> TopKSAE:
     """Train a Top-K SAE on rows of x [N, d]; returns a float32 `TopKSAE` (mean / normalize set)
-    whose metadata holds the held-out fvu and the epochs run. The decoder rows start at the
-    L2-normalised k-means++ centroids of the preprocessed rows (best of `kmeans_restarts` runs by
-    inertia), the encoder at their transpose."""
-    from tqdm.auto import tqdm
+    whose metadata holds its FVU over all rows of x (what `fvu(sae, x)` and `score_taxonomy`
+    give), over the training and the held-out rows (see the module docstring), and the epochs run.
+    The decoder rows start at the L2-normalised k-means++ centroids of the preprocessed rows (best
+    of `kmeans_restarts` runs by inertia), the encoder at their transpose. progress: a bar of
+    epochs (None: on a terminal, see `steerfast.progress`)."""
+    from ..progress import bar
 
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] < 2:
         raise InvalidInputError(f"x must be [N >= 2, d], got {tuple(x.shape) if isinstance(x, torch.Tensor) else x!r}")
@@ -117,7 +128,8 @@ def train_topk_sae(x: torch.Tensor, n_latents: int, k: int = 3, *, lr: float | N
     opt = torch.optim.Adam(params, lr=lr)
     watch = xp[val_idx] if n_val else xp[train_idx]
     best, best_state, stale, epoch = float("inf"), [p.detach().clone() for p in params], 0, 0
-    for epoch in tqdm(range(epochs), desc=f"SAE n={n_latents}", disable=not progress):
+    pbar = bar(range(epochs), desc=f"SAE n={n_latents} k={k}", unit="epoch", progress=progress, leave=False)
+    for epoch in pbar:
         order = train_idx[torch.randperm(len(train_idx), generator=g).to(x.device)]
         for i in range(0, len(order), batch_size):
             xb = xp[order[i:i + batch_size]]
@@ -132,15 +144,20 @@ def train_topk_sae(x: torch.Tensor, n_latents: int, k: int = 3, *, lr: float | N
                 W_dec /= W_dec.norm(dim=1, keepdim=True).clamp(min=1e-8)
         with torch.no_grad():
             val = float(_fvu(watch, _forward(watch, *params, k)))
+        pbar.set_postfix(fvu_heldout=f"{val:.4f}", refresh=False)
         if val < best - 1e-5:
             best, best_state, stale = val, [p.detach().clone() for p in params], 0
         else:
             stale += 1
             if stale >= patience:
                 break
+    pbar.close()
     W_enc, b_enc, W_dec, b_dec = best_state
-    return TopKSAE(W_enc, b_enc, W_dec, b_dec, k, mean=mean, normalize=normalize,
-                   metadata=dict(fvu=best, epochs=epoch + 1, n_train=len(train_idx), n_val=n_val, method="topk_sae"))
+    sae = TopKSAE(W_enc, b_enc, W_dec, b_dec, k, mean=mean, normalize=normalize)
+    sae.metadata = dict(fvu=fvu(sae, x), fvu_train=fvu(sae, x[train_idx]),
+                        fvu_heldout=fvu(sae, x[val_idx]) if n_val >= 2 else None, fvu_definition=FVU_DEFINITION,
+                        epochs=epoch + 1, n_train=len(train_idx), n_val=n_val, method="topk_sae")
+    return sae
 
 
 # ---------------------------------------------------------------------- using a taxonomy SAE
@@ -189,7 +206,8 @@ def score_taxonomy(sae: TopKSAE, x: torch.Tensor, sentences: Sequence[str] | Non
     sizes = [t["size"] for t in tax]
     from .figures import balance
 
-    out = dict(fvu=fvu(sae, x), sizes=sizes, used=sum(s > 0 for s in sizes),
+    out = dict(fvu=fvu(sae, x), fvu_heldout=sae.metadata.get("fvu_heldout"), fvu_definition=FVU_DEFINITION,
+               sizes=sizes, used=sum(s > 0 for s in sizes),
                largest_share=max(sizes) / max(1, sum(sizes)), balance=balance(sizes), n_latents=sae.n_latents,
                k=sae.k)
     if judge is not None:
@@ -208,11 +226,22 @@ class GridResult:
 def sae_grid(xs: dict[int, torch.Tensor], n_latents: Sequence[int] = tuple(range(5, 55, 5)), k: int = 3,
              sentences: Sequence[str] | None = None, judge: Judge | None = None, **train_kw) -> list[GridResult]:
     """Train and score one SAE per (layer, n_latents): xs maps a layer to its sentence-mean
-    activations [N, d] (rows aligned with `sentences`)."""
+    activations [N, d] (rows aligned with `sentences`). A bad k for any n_latents is refused
+    before any training."""
+    from ..progress import bar
+
+    bad = [n for n in n_latents if not isinstance(k, int) or not 1 <= k <= n]
+    if bad or not n_latents:
+        raise InvalidInputError(f"k must be an int in [1, n_latents={min(bad or [0])}] for every n_latents of the "
+                                f"grid, got k={k!r} with n_latents={list(n_latents)}")
     out = []
+    pbar = bar(total=len(xs) * len(n_latents), desc="SAE grid", unit="SAE", progress=train_kw.get("progress"))
     for layer, x in xs.items():
         for n in n_latents:
+            pbar.set_postfix(layer=layer, n_latents=n, refresh=False)
             sae = train_topk_sae(x, n, k, **train_kw)
             sae.metadata.update(layer=layer)
             out.append(GridResult(layer, n, sae, score_taxonomy(sae, x, sentences, judge=judge)))
+            pbar.update(1)
+    pbar.close()
     return out

@@ -27,9 +27,19 @@ from .spans import Span
 FORMAT = "steerfast.vector.v1"
 
 
+def _with_bar(it, n: int, desc: str, progress):
+    """Yield from `it`, ticking a bar of n sequences (steerfast.progress: on a terminal by default)."""
+    from ..progress import bar
+
+    with bar(total=n, desc=desc, unit="seq", progress=progress) as b:
+        for item in it:
+            yield item
+            b.update(1)
+
+
 def window_diff_of_means(model, ids: Sequence[Sequence[int]], starts: Sequence[Sequence[int]], layer: int,
                          offset: int = -12, width: int = 5, *, point: str = "output",
-                         batch_size: int = 16) -> torch.Tensor:
+                         batch_size: int = 16, progress: bool | None = None) -> torch.Tensor:
     """Mean of the activations after `layer` at positions start+offset ... start+offset+width-1 of
     every span start (positions outside the sequence dropped; a position in two windows counts
     twice), minus the mean over all positions of all sequences. -> [d] float32 on the model's device."""
@@ -38,7 +48,8 @@ def window_diff_of_means(model, ids: Sequence[Sequence[int]], starts: Sequence[S
     d, dev = model.args.dim, model.device
     win, allsum = torch.zeros(d, dtype=torch.float64, device=dev), torch.zeros(d, dtype=torch.float64, device=dev)
     n_win = n_all = 0
-    for i, acts in layer_activations(model, ids, layer, point, batch_size):
+    for i, acts in _with_bar(layer_activations(model, ids, layer, point, batch_size), len(ids),
+                             f"diff of means L{layer}", progress):
         spans = [Span(int(s), int(s) + 1) for s in starts[i]]
         rows = span_rows(acts, spans, "window", offset, width)
         if rows:
@@ -53,7 +64,8 @@ def window_diff_of_means(model, ids: Sequence[Sequence[int]], starts: Sequence[S
 
 def label_diff_of_means(model, ids: Sequence[Sequence[int]], spans: Sequence[Sequence], layer: int, *,
                         point: str = "output", max_tokens: int = 10, reasoning: Sequence[tuple[int, int]] | None = None,
-                        rescale: bool = True, batch_size: int = 16) -> dict[str, torch.Tensor]:
+                        rescale: bool = True, batch_size: int = 16,
+                        progress: bool | None = None) -> dict[str, torch.Tensor]:
     """Venhoff et al.'s per-label vectors. spans[i]: Span objects or (start, end, label) tuples of
     sequence i (unlabelled ones only count toward the reasoning span). reasoning[i]: that trace's
     reasoning span [start, end) (default: first span start to last span end). -> {label: [d]}."""
@@ -64,7 +76,8 @@ def label_diff_of_means(model, ids: Sequence[Sequence[int]], spans: Sequence[Seq
     sums: dict[str, torch.Tensor] = defaultdict(lambda: 0)
     counts: dict[str, int] = defaultdict(int)
     overall, n_traces = 0, 0
-    for i, acts in layer_activations(model, ids, layer, point, batch_size):
+    for i, acts in _with_bar(layer_activations(model, ids, layer, point, batch_size), len(ids),
+                             f"diff of means L{layer}", progress):
         if reasoning is not None:
             r0, r1 = reasoning[i]
         elif spans[i]:
@@ -195,13 +208,25 @@ def hybrid_vectors(path, layer_convention: str = "paper") -> dict:
                 steer_layer=layer if layer_convention == "paper" else steering_layer(layer, meta.get("point", "output")))
 
 
-def load_vectors(paths: Sequence[str | Path]) -> dict[str, torch.Tensor]:
-    """{name: vector} from several files (a set contributes each named row)."""
-    out = {}
+def load_vectors(paths: Sequence[str | Path], unique: bool = False) -> dict[str, torch.Tensor]:
+    """{name: vector} from several files (a set contributes each named row). A later file's vector
+    of the same name replaces an earlier one, unless unique=True: then every name that two files
+    share is keyed "<file>:<name>" (<file> the file's stem, or its path where stems repeat too)."""
+    found = []  # (path, name, vector) in file order
     for p in paths:
         v, meta = load_vector(p)
         if v.dim() == 1:
-            out[meta.get("name", Path(p).stem)] = v
+            found.append((p, str(meta.get("name", Path(p).stem)), v))
         else:
-            out.update({n: row for n, row in zip(meta.get("names", range(v.shape[0])), v)})
+            found += [(p, str(n), row) for n, row in zip(meta.get("names", range(v.shape[0])), v)]
+    if not unique:
+        return {n: v for _, n, v in found}
+    files_of: dict[str, set] = defaultdict(set)
+    for p, n, _ in found:
+        files_of[n].add(str(p))
+    stems = [Path(p).stem for p in dict.fromkeys(str(p) for p, _, _ in found)]
+    by_path = len(set(stems)) < len(stems)
+    out = {}
+    for p, n, v in found:
+        out[f"{p if by_path else Path(p).stem}:{n}" if len(files_of[n]) > 1 else n] = v
     return out
