@@ -249,3 +249,48 @@ def test_summary_png_plots_accuracy_intervals_and_steered_share(tmp_path):
     assert shares == pytest.approx(sorted(data["steered_share"]["hybrid"].values()))
     import matplotlib.pyplot as plt
     plt.close(fig)
+
+
+class StubHybrid:
+    """Stands in for sf.Hybrid: random tokens, each row stopping at its EOS; streams through
+    callback(step, tokens) when `streams`, as the issue asks Hybrid.generate to."""
+
+    def __init__(self, streams: bool, n_new: int, eos: int):
+        self.streams, self.n_new, self.eos = streams, n_new, eos
+        if not streams:  # the signature HybridGenerator inspects: no callback parameter
+            self.generate = lambda bp, tp, n, eos_token_id=None: self._generate(bp, tp, n, eos_token_id)
+
+    def generate(self, bp, tp, n, eos_token_id=None, callback=None):
+        return self._generate(bp, tp, n, eos_token_id, callback)
+
+    def _generate(self, bp, tp, n, eos_token_id, callback=None):
+        B = len(bp)
+        rows = [[] for _ in range(B)]
+        for step in range(n):
+            toks = torch.randint(40, 50, (B,)).tolist()
+            toks = [self.eos if t == 40 else t for t in toks]
+            for b in range(B):
+                if not rows[b] or rows[b][-1] != self.eos:
+                    rows[b].append(toks[b])
+            if callback is not None:
+                callback(step, toks)
+        steered = [[bool(i % 2) for i in range(len(r))] for r in rows]
+        return sf.HybridResult(rows, steered, [[0] * len(r) for r in rows],
+                               [[0.5 if x else None for x in s] for s in steered],
+                               [[-1 if x else None for x in s] for s in steered])
+
+
+@pytest.mark.parametrize("streams", [True, False])
+def test_the_hybrid_generator_reports_tokens_per_step_or_per_batch(streams):
+    from steerfast.evaluate import HybridGenerator
+
+    tok = char_tokenizer(SHAPES["tiny"]["vocab_size"])
+    n_new, eos = int(torch.randint(4, 10, ())), 40
+    gen = HybridGenerator(StubHybrid(streams, n_new, eos), tok, tok, n_new, eos_ids=[eos])
+    seen = []
+    comps = gen.generate([p.question for p in PROBLEMS[:3]], on_tokens=seen.append)
+    assert sum(seen) == sum(c.n_tokens for c in comps)
+    if streams:  # a step after every row stopped adds nothing, and is not reported
+        assert 1 <= len(seen) <= n_new and len(seen) >= max(c.n_tokens for c in comps)
+    else:
+        assert len(seen) == 1
