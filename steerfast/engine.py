@@ -14,9 +14,11 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import fused_ops
 from .errors import (InsufficientMemoryError, InvalidInputError, NonFiniteError, SequenceTooLongError,
                      TokenOutOfRangeError)
 from .graphs import GraphRunner
+from .inputs import as_token_lists
 from .model import Context, LayerwiseKVCache, Steer, Transformer
 from .sampling import sample
 from .steering import Steering
@@ -44,8 +46,10 @@ class StepBuffers:
     """Everything one decode step reads and writes; graphs capture these addresses."""
     tok: torch.Tensor  # [Bb] int64, the token fed this step
     pos: torch.Tensor  # [Bb] int32, its position
+    seq_lens: torch.Tensor  # [Bb] int32, pos + 1: the keys it attends
+    rows: torch.Tensor  # [Bb] int64, its KV-cache row
     done: torch.Tensor  # [Bb] bool
-    step: torch.Tensor  # [1] int64, column of `out` written this step
+    step: torch.Tensor  # [Bb] int64, column of `out` written this step (per row: one kernel updates it)
     out: torch.Tensor  # [Bb, max_new] int64
     stop: torch.Tensor  # [Bb, n_stop] int64, -1 padded
     temperature: torch.Tensor  # [Bb] float32
@@ -53,7 +57,7 @@ class StepBuffers:
     top_p: torch.Tensor  # [Bb] float32
     seed: torch.Tensor  # [Bb] int64
     steer: Steer | None
-    nonfinite: torch.Tensor  # [Bb] bool, set when a steered row's residual stream overflows (overflowed)
+    finite: torch.Tensor  # [Bb] bool, cleared when a steered row's residual stream overflows (norm_is_finite)
 
 
 class Model:
@@ -95,23 +99,19 @@ class Model:
         self.cache_generation += 1
 
     # ------------------------------------------------------------------ checks
-    def check_prompts(self, prompts, max_new_tokens: int) -> list[list[int]]:
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise InvalidInputError("prompts must be a non-empty list of token-id lists")
+    def check_prompts(self, prompts, max_new_tokens: int, name: str = "prompts") -> list[list[int]]:
+        """Prompts in any form steerfast.inputs accepts, checked against this model: list[list[int]]."""
+        prompts = as_token_lists(prompts, name)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         V, out = self.args.vocab_size, []
         for i, p in enumerate(prompts):
-            if isinstance(p, torch.Tensor):
-                p = p.tolist()
-            if not isinstance(p, (list, tuple)) or not p or not all(isinstance(t, int) for t in p):
-                raise InvalidInputError(f"prompts[{i}] must be a non-empty list of ints")
             bad = [t for t in p if not 0 <= t < V]
             if bad:
-                raise TokenOutOfRangeError(f"prompts[{i}] holds token id {bad[0]}, outside the vocabulary [0, {V})")
+                raise TokenOutOfRangeError(f"{name}[{i}] holds token id {bad[0]}, outside the vocabulary [0, {V})")
             if len(p) + max_new_tokens > self.max_seq_len:
                 raise SequenceTooLongError(
-                    f"prompts[{i}] has {len(p)} tokens; with max_new_tokens={max_new_tokens} that is "
+                    f"{name}[{i}] has {len(p)} tokens; with max_new_tokens={max_new_tokens} that is "
                     f"{len(p) + max_new_tokens} > max_seq_len={self.max_seq_len} (set at load_model)")
             out.append(list(p))
         return out
@@ -158,20 +158,21 @@ class Model:
         return logits, ctx.captured, lens
 
     # ------------------------------------------------------------------ one decode step
-    def _decode_step(self, s: StepBuffers, mode: str, kv_len: int | None):
+    def _decode_step(self, s: StepBuffers, mode: str):
+        """One token for every row of `s`: greedy is the decoder's fused kernels plus an argmax head
+        and one bookkeeping kernel; sampling reads the logits."""
         steer_layer = None if s.steer is None else s.steer.layer
-        ctx = Context(input_pos=s.pos[:, None], kv_len=kv_len, logits_index=None, steer=s.steer,
-                      capture_layer=steer_layer)
-        logits = self.net(s.tok[:, None], ctx)[:, 0]
-        nxt = sample(logits, s.temperature, s.top_k, s.top_p, s.seed, s.pos + 1, mode)
-        nxt = torch.where(s.done, s.tok, nxt)  # finished rows stand still; trimmed on the host
-        s.out.scatter_(1, s.step.expand(nxt.shape[0], 1), nxt[:, None])
-        s.done |= (nxt[:, None] == s.stop).any(-1)
+        ctx = Context(input_pos=s.pos[:, None], steer=s.steer, capture_layer=steer_layer, rows=s.rows,
+                      seq_lens=s.seq_lens)
+        if mode == "greedy":
+            nxt = self.net(s.tok[:, None], ctx, head="argmax")
+        else:
+            logits = self.net(s.tok[:, None], ctx)[:, 0]
+            nxt = sample(logits, s.temperature, s.top_k, s.top_p, s.seed, s.pos + 1, mode)
         if s.steer is not None:
-            s.nonfinite |= overflowed(ctx.captured[:, 0])
-        s.tok.copy_(nxt)
-        s.pos.add_(1)
-        s.step.add_(1)
+            s.finite &= norm_is_finite(ctx.captured[:, 0])
+        # finished rows stand still (trimmed on the host); record, stop, advance
+        fused_ops.decode_tail_(nxt, s.done, s.tok, s.pos, s.seq_lens, s.step, s.out, s.stop)
 
     def _buffers(self, Bb, n_stop, steer_layer) -> StepBuffers:
         dev = self.device
@@ -181,10 +182,12 @@ class Model:
             steer = Steer(layer=steer_layer, vectors=z(self.dtype, Bb, self.args.dim),
                           idx=torch.arange(Bb, dtype=torch.int32, device=dev), coef=z(torch.float32, Bb),
                           start=z(torch.int32, Bb))
-        return StepBuffers(tok=z(torch.int64, Bb), pos=z(torch.int32, Bb), done=torch.ones(Bb, dtype=torch.bool, device=dev),
-                           step=z(torch.int64, 1), out=z(torch.int64, Bb, self.net.kv.max_seq_len), stop=z(torch.int64, Bb, n_stop) - 1,
+        return StepBuffers(tok=z(torch.int64, Bb), pos=z(torch.int32, Bb), seq_lens=z(torch.int32, Bb) + 1,
+                           rows=torch.arange(Bb, device=dev), done=torch.ones(Bb, dtype=torch.bool, device=dev),
+                           step=z(torch.int64, Bb), out=z(torch.int64, Bb, self.net.kv.max_seq_len), stop=z(torch.int64, Bb, n_stop) - 1,
                            temperature=z(torch.float32, Bb), top_k=z(torch.int64, Bb), top_p=z(torch.float32, Bb),
-                           seed=z(torch.int64, Bb), steer=steer, nonfinite=z(torch.bool, Bb))
+                           seed=z(torch.int64, Bb), steer=steer,
+                           finite=torch.ones(Bb, dtype=torch.bool, device=dev))
 
     def _runner(self, Bb, n_stop, steer_layer, mode):
         """Fixed buffers for this shape, and (on the GPU path) the captured step graph. `out` is
@@ -195,8 +198,8 @@ class Model:
         if key not in self.graphs:
             # dummy state: rows done, at position 0, whose KV writes the prefill that follows overwrites
             s = self._buffers(Bb, n_stop, steer_layer)
-            self.graphs.capture(key, lambda: self._decode_step(s, mode, None), s,
-                                reset=lambda: (s.pos.zero_(), s.step.zero_()))
+            self.graphs.capture(key, lambda: self._decode_step(s, mode), s,
+                                reset=lambda: (s.pos.zero_(), s.seq_lens.fill_(1), s.step.zero_()))
         return self.graphs.get(key)
 
     def forward_step(self, tok: torch.Tensor, pos: torch.Tensor, kv_len: int, capture_layer: int | None = None):
@@ -285,11 +288,12 @@ class Model:
 
         s.tok.zero_()[:B] = first
         s.pos.zero_()[:B] = lens_t
+        torch.add(s.pos, 1, out=s.seq_lens)
         s.out.zero_()[:B, 0] = first
         s.done.fill_(True)[:B] = (first[:, None] == s.stop[:B]).any(-1)
-        s.nonfinite.zero_()
+        s.finite.fill_(True)
         if s.steer is not None:
-            s.nonfinite[:B] = overflowed(ctx.captured).any(-1)
+            s.finite[:B] = norm_is_finite(ctx.captured).all(-1)
         s.step.fill_(1)
         if callback is not None:
             callback(0, first.tolist())
@@ -299,15 +303,15 @@ class Model:
             if graph is not None:
                 graph.replay()
             else:
-                self._decode_step(s, mode, T + step)
+                self._decode_step(s, mode)
             if callback is not None:
                 callback(step, s.tok[:B].tolist())
             if step % self.check_every == 0:
-                all_done, nonfinite = torch.stack([s.done[:B].all(), s.nonfinite[:B].any()]).tolist()
-                if nonfinite or all_done:
+                all_done, finite = torch.stack([s.done[:B].all(), s.finite[:B].all()]).tolist()
+                if all_done or not finite:
                     break
-        if s.steer is not None and bool(s.nonfinite[:B].any()):
-            rows = s.nonfinite[:B].nonzero()[:, 0].tolist()
+        if s.steer is not None and not bool(s.finite[:B].all()):
+            rows = (~s.finite[:B]).nonzero()[:, 0].tolist()
             raise NonFiniteError(
                 f"the activations of sequence(s) {rows} became NaN/Inf after steering at layer {steering.layer} "
                 f"(coef {steering.coef} x vector norm {steer_vecs.float().norm(dim=-1).max().item():.3g}): "
@@ -316,11 +320,12 @@ class Model:
         return [_trim(row, set(st)) for row, st in zip(out, stops)]
 
 
-def overflowed(x: torch.Tensor) -> torch.Tensor:
-    """[..., d] -> [...] bool: the next RMSNorm's mean square is not finite. A steering vector that
-    is finite on its own can still overflow it, and the norm then turns the row into zeros (or NaN):
-    garbage tokens with finite logits."""
-    return ~torch.isfinite(x.float().square().mean(-1))
+def norm_is_finite(x: torch.Tensor) -> torch.Tensor:
+    """[..., d] -> [...] bool: the next RMSNorm's sum of squares is finite. A steering vector that is
+    finite on its own can still overflow it, and the norm then turns the row into zeros (or NaN):
+    garbage tokens with finite logits. (One reduction and one compare: it runs in the decode step.)"""
+    x = x.float() if x.dtype == torch.float64 else x  # RMSNorm's statistics are fp32 for every model dtype
+    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32) <= torch.finfo(torch.float32).max
 
 
 def _trim(row: list[int], stops: set[int]) -> list[int]:

@@ -34,8 +34,8 @@ def _acc(dtype):
 
 def rms_norm_torch(x, weight, eps):
     """steerfast.model.RMSNorm: weight * (x * rsqrt(mean(x**2) + eps)).to(x.dtype), statistics in
-    fp32 (float64 for float64 x)."""
-    xf = x.to(_acc(x.dtype))
+    fp32 even for float64 x, as transformers' (the decode path must equal the prefill path and HF)."""
+    xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
 

@@ -261,8 +261,8 @@ class Hybrid:
         import time
 
         base, think = self.base, self.thinking
-        base_prompts = base.check_prompts(base_prompts, max_new_tokens)
-        thinking_prompts = think.check_prompts(thinking_prompts, max_new_tokens)
+        base_prompts = base.check_prompts(base_prompts, max_new_tokens, "base_prompts")
+        thinking_prompts = think.check_prompts(thinking_prompts, max_new_tokens, "thinking_prompts")
         B = len(base_prompts)
         if len(thinking_prompts) != B:
             raise InvalidInputError(f"{B} base prompts but {len(thinking_prompts)} thinking prompts")

@@ -4,6 +4,12 @@ gpt-fast's shape: full-size KV buffers allocated once, one indexed write per ste
 gate/up each fused into one matmul so every weight is read once per step. Everything a step needs
 beyond the tokens (positions, steering, which hidden state to keep) rides in one `Context`.
 
+One token per row (decode) takes `DecoderLayer.decode`: six fused kernels a layer (fused_ops:
+RMSNorm + QKV + bias + RoPE + KV write; split-KV attention and its combine; output projection +
+residual; RMSNorm + gate/up + SiLU*up; down projection + residual + steering), with the per-step
+invariants (cache rows, attention lengths) computed once, not per layer. Several tokens per row
+(prefill, windows) take the plain PyTorch layers, which stay the reference.
+
 Numerics follow transformers exactly where it matters for token-for-token equality: RMSNorm in
 float32 then cast back, RoPE tables computed in float32 then cast to the model dtype.
 """
@@ -15,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import fused_ops, ops
 from .config import ModelArgs
 
 
@@ -46,6 +52,8 @@ class Context:
     prefix_rows: torch.Tensor | None = None  # [B]: with prefix_lens, row b attends keys below
     prefix_lens: torch.Tensor | None = None  # prefix_lens[b] in cache row prefix_rows[b] (its sequence's)
     start_layer: int = 0  # > 0: forward's input is the residual stream entering this layer
+    rows: torch.Tensor | None = None  # [B] int64, decode: cache row of each batch row (default row_offset + b)
+    seq_lens: torch.Tensor | None = None  # [B] int32, decode: keys each row attends (default input_pos + 1)
 
 
 class KVCache(nn.Module):
@@ -118,21 +126,15 @@ class Attention(nn.Module):
         v_cache[rows[:, None], ctx.input_pos] = v
         if ctx.kv_len is not None:
             k_cache, v_cache = k_cache[:, :ctx.kv_len], v_cache[:, :ctx.kv_len]
-        prefix = ctx.prefix_rows is not None
-        if T == 1:
-            extra = dict(rows=rows, prefix_rows=ctx.prefix_rows, prefix_lens=ctx.prefix_lens) if prefix else {}
-            kc, vc = (k_cache, v_cache) if prefix else (k_cache[off:off + B], v_cache[off:off + B])
-            y = ops.decode_attention(q[:, 0], kc, vc, ctx.input_pos[:, 0] + 1, self.scale, **extra)[:, None]
+        if ctx.prefix_rows is not None:
+            S = k_cache.shape[1]
+            kc = ops.gather_prefix_kv(k_cache, rows, ctx.prefix_rows, ctx.prefix_lens, S)
+            vc = ops.gather_prefix_kv(v_cache, rows, ctx.prefix_rows, ctx.prefix_lens, S)
         else:
-            if prefix:
-                S = k_cache.shape[1]
-                kc = ops.gather_prefix_kv(k_cache, rows, ctx.prefix_rows, ctx.prefix_lens, S)
-                vc = ops.gather_prefix_kv(v_cache, rows, ctx.prefix_rows, ctx.prefix_lens, S)
-            else:
-                kc, vc = k_cache[off:off + B], v_cache[off:off + B]
-            y = F.scaled_dot_product_attention(
-                q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
-                attn_mask=attn_mask, scale=self.scale, enable_gqa=H != Hkv).transpose(1, 2)
+            kc, vc = k_cache[off:off + B], v_cache[off:off + B]
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
+            attn_mask=attn_mask, scale=self.scale, enable_gqa=H != Hkv).transpose(1, 2)
         return self.wo(y.reshape(B, T, H * D))
 
 
@@ -165,6 +167,26 @@ class DecoderLayer(nn.Module):
                                       steer.bias)
 
 
+def decode_layer(layer: DecoderLayer, x, ctx: Context, k_cache, v_cache, cos_table, sin_table, steer: Steer | None):
+    """One token per row through one decoder layer: x [B, d] -> [B, d], six fused kernels."""
+    a, B = layer.attn, x.shape[0]
+    pos = ctx.input_pos[:, 0]
+    q = fused_ops.qkv_rope_kv_write(x, a.wqkv.weight, layer.attn_norm.weight, layer.attn_norm.eps, a.wqkv.bias,
+                                    cos_table, sin_table, pos, ctx.rows, k_cache, v_cache, a.n_heads, a.n_kv_heads)
+    if ctx.prefix_rows is not None:  # the hybrid's candidate rows: their sequence's prefix, in place
+        y = ops.decode_attention(q, k_cache, v_cache, ctx.seq_lens, a.scale, rows=ctx.rows,
+                                 prefix_rows=ctx.prefix_rows, prefix_lens=ctx.prefix_lens)
+    else:
+        off = ctx.row_offset
+        y = ops.decode_attention(q, k_cache[off:off + B], v_cache[off:off + B], ctx.seq_lens, a.scale)
+    h = fused_ops.fused_linear(y.view(B, -1), a.wo.weight, bias=a.wo.bias, residual=x)
+    m = layer.mlp
+    g = fused_ops.fused_linear(h, m.w13.weight, norm_weight=layer.ffn_norm.weight, eps=layer.ffn_norm.eps,
+                               bias=m.w13.bias, swiglu=True)
+    st = None if steer is None else (steer.vectors, steer.idx, steer.coef, steer.start, steer.bias)
+    return fused_ops.fused_linear(g, m.w2.weight, bias=m.w2.bias, residual=h, steer=st, input_pos=pos)
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -190,10 +212,14 @@ class Transformer(nn.Module):
         w = self.tok_embeddings.weight if self.output is None else self.output.weight
         return F.linear(x, w)
 
-    def forward(self, idx: torch.Tensor, ctx: Context) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, ctx: Context, head: str = "logits") -> torch.Tensor:
         """idx [B, T] at positions ctx.input_pos [B, T] -> logits [B, V] (at ctx.logits_index) or
-        [B, T, V]. Writes the new keys/values into the cache. With ctx.start_layer > 0, idx is
+        [B, T, V]; head="argmax" (T == 1): the greedy token ids [B] instead, without materialising
+        the logits. Writes the new keys/values into the cache. With ctx.start_layer > 0, idx is
         instead the residual stream [B, T, d] entering that layer (the hybrid's candidate re-runs)."""
+        if idx.shape[1] == 1:
+            return self._decode(idx, ctx, head)
+        assert head == "logits", "head='argmax' is for one token per row"
         B, T = idx.shape[:2]
         pos = ctx.input_pos
         cos, sin = self.cos_table[pos][:, :, None, :], self.sin_table[pos][:, :, None, :]  # [B, T, 1, D]
@@ -213,3 +239,24 @@ class Transformer(nn.Module):
         if ctx.logits_index is not None:
             x = x[torch.arange(B, device=idx.device), ctx.logits_index]
         return self.lm_head(self.norm(x))
+
+    def _decode(self, idx: torch.Tensor, ctx: Context, head: str) -> torch.Tensor:
+        B = idx.shape[0]
+        if ctx.rows is None:  # once a step, not once a layer
+            ctx.rows = torch.arange(ctx.row_offset, ctx.row_offset + B, device=idx.device)
+        if ctx.seq_lens is None:
+            ctx.seq_lens = ctx.input_pos[:, 0] + 1
+        x = self.tok_embeddings(idx[:, 0]) if ctx.start_layer == 0 else idx[:, 0]
+        steer = ctx.steer
+        for i in range(ctx.start_layer, len(self.layers)):
+            x = decode_layer(self.layers[i], x, ctx, self.kv.k[i], self.kv.v[i], self.cos_table, self.sin_table,
+                             steer if steer is not None and steer.layer == i else None)
+            if ctx.add_after is not None and ctx.add_after[0] == i:
+                x = x + ctx.add_after[1].reshape(-1, x.shape[-1])
+            if ctx.capture_layer == i:
+                ctx.captured = x[:, None]
+        if head == "argmax":
+            w = self.tok_embeddings.weight if self.output is None else self.output.weight
+            return fused_ops.lm_head_argmax(x, w, self.norm.weight, self.norm.eps)
+        logits = self.lm_head(self.norm(x))
+        return logits if ctx.logits_index is not None else logits[:, None]  # a logits_index here is 0
