@@ -196,3 +196,33 @@ def write_json(path: str | Path, obj: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2) + "\n")
     return path
+
+
+def save_bar_chart(path: str | Path, groups: Sequence[str], series: dict[str, Sequence[float | None]], title: str,
+                   ylabel: str = "tokens/s") -> Path | None:
+    """Grouped bars (one group per case, one bar per series, log scale: a floor and a hooks loop differ
+    by orders of magnitude), as a PNG beside the JSON. None when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    path = Path(path)
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) + 2), 4.5))
+    for i, (name, values) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g, v in enumerate(values) if v]
+        ys = [v for v in values if v]
+        bars = ax.bar(xs, ys, width, label=name)
+        ax.bar_label(bars, labels=[fmt(float(v)) for v in ys], fontsize=7, rotation=90, padding=2)
+    ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

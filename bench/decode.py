@@ -272,5 +272,12 @@ def run(args) -> int:
     print()
     print(common.format_table([table_row(r) for r in doc["results"]], COLUMNS))
     out = common.write_json(args.out, doc)
-    print(f"\nwrote {out}")
+    rows = [table_row(r) for r in doc["results"] if "error" not in r]
+    png = common.save_bar_chart(
+        out.with_suffix(".png"), [f"{r['model']} b{r['batch']}" for r in rows],
+        {"steerfast": [r["sf_tok_s"] for r in rows],
+         "HF generate": [r["hf_tok_s"] if isinstance(r["hf_tok_s"], float) else None for r in rows],
+         "bandwidth floor": [r["floor_tok_s"] for r in rows]},
+        f"decode tokens/s, {env['device_name']}, {env['dtype']}")
+    print(f"\nwrote {out}" + (f" and {png}" if png else ""))
     return 1 if any("error" in r for r in doc["results"]) else 0

@@ -162,6 +162,16 @@ def _tick(step: int, rate: float) -> bool:
 
 
 @torch.no_grad()
+def _cache_kwarg(model) -> str:  # transformers renamed past_key_values to cache (5.2x); 5.17 has the old
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
 def naive_hybrid(base, thinking, sae, vectors, bias, sae_layer: int, steer_layer: int, coefs, windows,
                  base_prompts, thinking_prompts, max_new_tokens: int, gate="thinking",
                  threshold: float = float("-inf"), budget_s: float = 0.0) -> dict:
@@ -193,7 +203,7 @@ def naive_hybrid(base, thinking, sae, vectors, bias, sae_layer: int, steer_layer
     try:
         out_b = base(seq, use_cache=True)
         out_t = thinking(torch.tensor(thinking_prompts, device=dev_t), use_cache=True)
-        pkv_b, pkv_t = out_b.past_key_values, out_t.past_key_values
+        pkv_b, pkv_t = _cache_of(out_b), _cache_of(out_t)
         lb, lt = out_b.logits[:, -1], out_t.logits[:, -1]
         steps = 0
         for step in range(max_new_tokens):
@@ -241,9 +251,9 @@ def naive_hybrid(base, thinking, sae, vectors, bias, sae_layer: int, steer_layer
             if not last:
                 nxt = torch.tensor(tok, device=dev_b)[:, None]
                 seq = torch.cat([seq, nxt], 1)
-                out_b = base(nxt, past_key_values=pkv_b, use_cache=True)
-                out_t = thinking(nxt.to(dev_t), past_key_values=pkv_t, use_cache=True)
-                pkv_b, pkv_t = out_b.past_key_values, out_t.past_key_values
+                out_b = base(nxt, **{_cache_kwarg(base): pkv_b}, use_cache=True)
+                out_t = thinking(nxt.to(dev_t), **{_cache_kwarg(thinking): pkv_t}, use_cache=True)
+                pkv_b, pkv_t = _cache_of(out_b), _cache_of(out_t)
                 lb, lt = out_b.logits[:, -1], out_t.logits[:, -1]
             common.sync(dev_b)
             now = time.perf_counter()
@@ -589,5 +599,12 @@ def run(args) -> int:
             where = " ".join(f"{k}={r[k]}" for k in ("impl", "config", "batch", "gate", "section") if k in r)
             print(f"  {where}: {r['error'][:300]}")
     out = common.write_json(args.out, doc)
-    print(f"\nwrote {out}")
+    rows = doc["summary"]
+    png = common.save_bar_chart(
+        out.with_suffix(".png"), [f"{r['config']} b{r['batch']} {r['gate']}" for r in rows],
+        {"steerfast": [r.get("sf_tok_s") for r in rows], "naive transformers": [r.get("naive_tok_s") for r in rows],
+         "paper's loop": [r.get("paper_tok_s") for r in rows],
+         "two-model floor (unsteered)": [r.get("floor_tok_s") for r in rows]},
+        f"hybrid tokens/s, {doc['env']['device_name']}, {doc['env']['dtype']}")
+    print(f"\nwrote {out}" + (f" and {png}" if png else ""))
     return 1 if errors else 0

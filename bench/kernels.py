@@ -78,8 +78,9 @@ DEFINITIONS = dict(
               "torch.topk on CUDA)",
     torch_backend="steerfast's reference (steerfast.ops.*_torch): fp32 math and, for topk, a full stable sort",
     idx_ok="fraction of rows whose top-k index set (topk) / argmax latent (ctrl) equals the fp32 torch "
-           "reference's (a near-tie at the k-th value may legitimately swap; the gemm+topk baseline rounds its "
-           "pre-activations to the bench dtype, so < 1 is expected there)",
+           "reference's (a near-tie at the k-th value may legitimately swap); '-' for the gemm+topk baseline, "
+           "whose agreement is recorded as idx_agree: it rounds its pre-activations to the bench dtype, so < 1 "
+           "is expected there and is no failure",
     max_err="max |values - reference values| (fp32 reference, values compared in descending order)",
     flushed="whether each timed call was preceded by zeroing a --flush-mib buffer (evicts L2): batch <= "
             "--flush-max-batch",
@@ -374,8 +375,10 @@ def measure_topk(case: dict, backend: str, s: dict, device, dtype, timer: Timer)
             return ops.topk_sae_encode(x, W, b_enc, b_dec, k, backend=backend)
     vals, idx = fn()
     ref = ops.topk_sae_encode_torch(x, W, b_enc, b_dec, k)
-    check = dict(idx_ok=(idx.sort(-1).values == ref.indices.sort(-1).values).all(-1).float().mean().item(),
-                 max_err=(vals.float() - ref.values).abs().max().item())
+    agree = (idx.sort(-1).values == ref.indices.sort(-1).values).all(-1).float().mean().item()
+    # the baseline rounds its pre-activations to the bench dtype: its agreement is information, not a check
+    check = dict(idx_agree=agree) if backend == BASELINE else dict(idx_ok=agree)
+    check["max_err"] = (vals.float() - ref.values).abs().max().item()
     del vals, idx, ref
     t = timer(fn, flush=device.type == "cuda" and B <= s["flush_max_batch"])
     return dict(**t, **check)
