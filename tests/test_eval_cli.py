@@ -64,6 +64,8 @@ def test_a_model_directory_without_a_tokenizer_is_one_line_before_any_model_load
     r = run_cli("eval", "--data", DATA, "--out", dirs / "out1", "--runs", "thinking", "--thinking-model",
                 dirs / "broken", "--thinking-tokenizer", dirs / "broken")
     assert_one_error_line(r, "--thinking-tokenizer", str(dirs / "broken"))
+    r = run_cli("eval", "--data", DATA, "--out", dirs / "out1", "--runs", "base", "--base-model", dirs / "nowhere")
+    assert_one_error_line(r, "--base-model", str(dirs / "nowhere"), "does not exist")
 
 
 def test_a_second_run_into_a_locked_directory_fails_at_once_naming_the_holder(dirs, tmp_path):

@@ -118,7 +118,7 @@ def check_tokenizer_dir(path, flag: str, model_flag: str | None = None) -> None:
     d = Path(path)
     src = f"{model_flag} {d}" if model_flag else f"{flag} {d}"
     if not d.is_dir():
-        raise InvalidInputError(f"{src}: not a directory" + (f"; pass {flag}" if model_flag else ""))
+        raise InvalidInputError(f"{src}: {'not a directory' if d.exists() else 'does not exist'}")
     if not any((d / f).is_file() for f in TOKENIZER_FILES):
         hint = f": pass {flag} DIR (a directory holding them)" if model_flag else ""
         raise InvalidInputError(f"no tokenizer files (tokenizer.json / tokenizer_config.json) in {src}{hint}")
