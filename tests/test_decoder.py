@@ -228,3 +228,21 @@ def test_steering_that_overflows_the_residual_stream_raises_and_the_model_goes_o
     assert ok == m.generate(prompts, 20, eos_token_id=None,
                             steering=sf.Steering(vec, layer=1, coef=1.0, positions=positions))
     assert m.generate(prompts, 20, eos_token_id=None) == [hf_greedy(hf, p, 20) for p in prompts]
+
+
+@pytest.mark.parametrize("family,h,kv,tied", [("qwen2", 6, 1, True), ("llama", 4, 2, False)])
+def test_fused_triton_decode_equals_transformers_fp32(family, h, kv, tied, monkeypatch):
+    """The fused decode kernels (Triton, interpreted here) token for token with transformers' greedy
+    generate in float32, with the prefill on the plain layers, and the steered step equal to the
+    torch backend's."""
+    from steerfast.backend import why_not
+    if why_not("triton", torch.device("cpu")):
+        pytest.skip(why_not("triton", torch.device("cpu")))
+    hf = tiny_hf(family, n_heads=h, n_kv_heads=kv, tied=tied, layers=2, dtype=torch.float32)
+    m = sf.load_model(hf, device="cpu", dtype=torch.float32)
+    prompts = random_prompts([9, 3])
+    steer = sf.Steering(torch.randn(2, hf.config.hidden_size), layer=0, coef=1.5, positions="generated")
+    ref = m.generate(prompts, 10, eos_token_id=None, steering=steer)
+    monkeypatch.setenv("STEERFAST_BACKEND", "triton")
+    assert m.generate(prompts, 10, eos_token_id=None) == [hf_greedy(hf, p, 10) for p in prompts]
+    assert m.generate(prompts, 10, eos_token_id=None, steering=steer) == ref
