@@ -63,6 +63,10 @@ def test_bad_tokens_and_k_are_one_line_before_any_heavy_work(tmp_path):
     r = run_cli("research", "logit-lens", "--model", broken, "--tokenizer", tok_dir, "--vector",
                 tmp_path / "v.safetensors", "--tokens", " Hmm", "--out", tmp_path / "lens")
     assert_one_error_line(r, "--tokens", "' Hmm'", prog="steerfast research logit-lens")
+    # a --tokenizer directory without tokenizer files: named, before the model
+    r = run_cli("research", "sweep", "--model", broken, "--tokenizer", broken, "--vector", tmp_path / "v.safetensors",
+                "--prompts", tmp_path / "p.jsonl", "--out", tmp_path / "sweep")
+    assert_one_error_line(r, "--tokenizer", str(broken), "tokenizer.json", prog="steerfast research sweep")
     # --k above the smallest --n-latents: refused before the activations are even read
     k = int(torch.randint(3, 6, ()))
     r = run_cli("research", "sae", "--activations", tmp_path / "no_such_dir", "--n-latents", f"{k + 4},{k - 1}",

@@ -43,19 +43,29 @@ def _tokenizer(args):
     its directory has one, else None (token-id inputs only). Loaded before the model: cheap checks first."""
     from transformers import AutoTokenizer
 
-    from ..errors import InvalidInputError
     if args.tokenizer:
-        try:
-            return AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
-        except (ValueError, OSError, TypeError, KeyError) as e:
-            raise InvalidInputError(f"--tokenizer {args.tokenizer}: no tokenizer loads from it ({type(e).__name__}: "
-                                    f"{(str(e).strip().splitlines() or [''])[0]})") from None
+        return _load_tokenizer(args.tokenizer)
     if args.model:
         try:
             return AutoTokenizer.from_pretrained(args.model, local_files_only=True)
         except Exception:  # a model directory without tokenizer files: token-id inputs only
             return None
     return None
+
+
+def _load_tokenizer(path, flag: str = "--tokenizer"):
+    """The tokenizer in `path`, or an error naming the flag and the directory (not transformers' bare one)."""
+    from transformers import AutoTokenizer
+
+    from ..errors import InvalidInputError
+    if not Path(path).is_dir():
+        raise InvalidInputError(f"{flag} {path}: {'not a directory' if Path(path).exists() else 'does not exist'}")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (ValueError, OSError, TypeError, KeyError) as e:
+        raise InvalidInputError(f"{flag} {path}: no tokenizer loads from it (tokenizer.json / tokenizer_config.json "
+                                f"missing or unreadable: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})"
+                                ) from None
 
 
 def _model(args):
@@ -178,10 +188,8 @@ def run(args) -> int:
 
 # ---------------------------------------------------------------------- tools
 def _split(args) -> int:
-    from transformers import AutoTokenizer
-
     from .spans import read_jsonl, write_jsonl
-    tok = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+    tok = _load_tokenizer(args.tokenizer)
     recs = read_jsonl(args.input, tok, _callable(args.labeller))
     write_jsonl(args.out, recs)
     print(f"{len(recs)} records, {sum(len(r.spans) for r in recs)} spans -> {args.out}")
