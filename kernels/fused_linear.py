@@ -42,7 +42,8 @@ def _round(v, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
 
 @triton.jit
 def _row_rstd(x_ptr, offs_m, m_mask, K, eps, BLOCK_K: tl.constexpr):
-    """[BLOCK_M] fp32: 1 / sqrt(mean(x[m]**2) + eps) of rows offs_m of x [M, K] (contiguous)."""
+    """[BLOCK_M] fp32: 1 / sqrt(mean(x[m]**2) + eps) of rows offs_m of x [M, K] (contiguous); wide
+    blocks (8192 // BLOCK_M columns): few dependent L2 round trips before the main loop starts."""
     offs_k = tl.arange(0, BLOCK_K)
     ss = tl.zeros([offs_m.shape[0]], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -121,7 +122,7 @@ def _fused_linear_kernel(
 
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_NORM:
-        rstd = _row_rstd(x_ptr, offs_m, m_mask, K, eps, BLOCK_K)
+        rstd = _row_rstd(x_ptr, offs_m, m_mask, K, eps, 8192 // BLOCK_M)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # SWIGLU only
@@ -196,25 +197,37 @@ def _argmax_reduce_kernel(
     tl.store(out_ptr + m, best_idx.to(tl.int64))
 
 
-def _configs():
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bn in (16, 32, 64) for bk in (128, 256) for w in (4, 8) for s in (3, 4)
-            if not (w == 8 and bn == 16)]
-
-
-# the GPU path: tuned per (row bucket, width, depth, flags, dtype); the first call of a shape
-# benchmarks, so run each shape once before capturing a CUDA graph
-_fused_linear_tuned = triton.autotune(
-    configs=_configs(), key=["BLOCK_M", "N_out", "K", "SWIGLU", "HAS_NORM"])(_fused_linear_kernel)
-
-# interpreter: one small config (autotuning there would take minutes)
+# interpreter: one small config
 _INTERP_CONFIG = dict(BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=1)
-# lm_head_argmax: the workspace size depends on BLOCK_N, so a fixed config (V is large: enough programs)
-_ARGMAX_CONFIG = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+
+
+def gpu_config(M: int, N_out: int, K: int, swiglu: bool = False, argmax: bool = False) -> dict:
+    """Block sizes for a real GPU: a fixed table, not triton.autotune (no benchmarking on a first call
+    that could land inside a CUDA graph capture; the argmax workspace depends on BLOCK_N). Picked from
+    a sweep on an H200 (bf16; Qwen2.5-1.5B and Llama-3-8B shapes, M = 1 and 64). With 64 rows the x
+    tiles each program re-reads (and re-normalises) from L2 cost as much as its W tile, so the
+    normed ops take wide column blocks there."""
+    if block_m(M) == 16:
+        if argmax:
+            return dict(BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4)
+        if swiglu:
+            return dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
+        if N_out >= 4096:
+            return dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
+        return dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=3)  # d = 1536: 96 programs
+    if argmax:
+        return dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)
+    if swiglu:
+        return dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    if N_out >= 4096:
+        return dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
+    return dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=4)
 
 
 def block_m(M: int) -> int:
-    """Rows per program: M padded to a power of two in [16, 64] (tl.dot's minimum is 16)."""
+    """Rows per program: M padded to a power of two in [16, 64] (tl.dot's minimum is 16; measured on
+    an H200, the padded tensor-core GEMV beat a CUDA-core FMA one even at M = 1). M > 64 adds row
+    blocks (grid axis 1), each reading W again (from L2 mostly)."""
     return min(MAX_BLOCK_M, max(16, triton.next_power_of_2(M)))
 
 
@@ -224,9 +237,10 @@ def _flags(x):
 
 
 def fused_linear(x, W, norm_weight=None, eps=0.0, bias=None, residual=None, swiglu=False, steer_vectors=None,
-                 steer_idx=None, steer_coef=None, steer_start=None, steer_bias=None, input_pos=None):
+                 steer_idx=None, steer_coef=None, steer_start=None, steer_bias=None, input_pos=None, config=None):
     """See the module docstring; arguments as `steerfast.fused_ops.fused_linear` (which checks them),
-    steering unpacked. Returns out [M, N_out] in x's dtype."""
+    steering unpacked; `config` (BLOCK_N, BLOCK_K, num_warps, num_stages) overrides the table (for
+    benchmarks). Returns out [M, N_out] in x's dtype."""
     M, K = x.shape
     N = W.shape[0]
     N_out = N // 2 if swiglu else N
@@ -244,17 +258,14 @@ def fused_linear(x, W, norm_weight=None, eps=0.0, bias=None, residual=None, swig
     flags = dict(HAS_NORM=norm_weight is not None, HAS_BIAS=bias is not None, SWIGLU=bool(swiglu),
                  HAS_RESIDUAL=residual is not None, HAS_STEER=has_steer,
                  HAS_STEER_BIAS=has_steer and steer_bias is not None, ARGMAX=False, BLOCK_M=BLOCK_M, **_flags(x))
+    cfg = config or (_INTERP_CONFIG if triton_interpret() else gpu_config(M, N_out, K, swiglu))
+    grid = (triton.cdiv(N_out, cfg["BLOCK_N"]), triton.cdiv(M, BLOCK_M))
     with on_device(x.device):
-        if triton_interpret():
-            grid = (triton.cdiv(N_out, _INTERP_CONFIG["BLOCK_N"]), triton.cdiv(M, BLOCK_M))
-            _fused_linear_kernel[grid](*args, **flags, **_INTERP_CONFIG)
-        else:
-            _fused_linear_tuned[lambda meta: (triton.cdiv(N_out, meta["BLOCK_N"]), triton.cdiv(M, BLOCK_M))](
-                *args, **flags)
+        _fused_linear_kernel[grid](*args, **flags, **cfg)
     return out
 
 
-def lm_head_argmax(x, W, norm_weight=None, eps=0.0):
+def lm_head_argmax(x, W, norm_weight=None, eps=0.0, config=None):
     """argmax over V of RMSNorm(x) @ W.T (rounded to x's dtype), [M] int64, in two launches; the
     [M, V] logits are never written. Ties go to the lowest column."""
     M, K = x.shape
@@ -263,7 +274,7 @@ def lm_head_argmax(x, W, norm_weight=None, eps=0.0):
     ids = torch.zeros((M,), dtype=torch.int64, device=x.device)
     if M == 0 or V == 0:
         return ids
-    cfg = dict(_INTERP_CONFIG) if triton_interpret() else dict(_ARGMAX_CONFIG)
+    cfg = config or (_INTERP_CONFIG if triton_interpret() else gpu_config(M, V, K, argmax=True))
     BLOCK_M = block_m(M)
     n_blocks = triton.cdiv(V, cfg["BLOCK_N"])
     part_val = torch.empty((M, n_blocks), dtype=torch.float32, device=x.device)

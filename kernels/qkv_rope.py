@@ -60,7 +60,7 @@ def _qkv_rope_kernel(
 
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_NORM:
-        rstd = _row_rstd(x_ptr, offs_m, m_mask, K, eps, BLOCK_K)
+        rstd = _row_rstd(x_ptr, offs_m, m_mask, K, eps, 8192 // BLOCK_M)
     acc1 = tl.zeros([BLOCK_M, BLOCK_J], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_J], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -103,15 +103,19 @@ def _qkv_rope_kernel(
         tl.store(dst + HALF, t2.to(dtype), mask=mj_mask)
 
 
-def _config(D: int, interpret: bool) -> dict:
-    """BLOCK_J = 16 pairs (32 W rows) per program: a 1.5B model (16 heads of D = 128) gets 64
-    programs per row block, an 8B (48 heads) 192. No autotune: the kernel writes the cache."""
+def _config(M: int, interpret: bool) -> dict:
+    """No autotune (the kernel writes the cache; see fused_linear.gpu_config). From an H200 sweep: 32
+    RoPE pairs (64 W rows) per program, so a 1.5B model (16 heads of D = 128) has only 32 programs per
+    row block: the one op here that stays well under the bandwidth floor (see the module docstring)."""
     if interpret:
         return dict(BLOCK_J=16, BLOCK_K=64, num_warps=4, num_stages=1)
-    return dict(BLOCK_J=16, BLOCK_K=128 if D >= 128 else 256, num_warps=4, num_stages=4)
+    if block_m(M) == 16:
+        return dict(BLOCK_J=32, BLOCK_K=256, num_warps=4, num_stages=4)
+    return dict(BLOCK_J=32, BLOCK_K=128, num_warps=4, num_stages=4)
 
 
-def qkv_rope_kv_write(x, W, norm_weight, eps, bias, cos, sin, pos, rows, k_cache, v_cache, n_heads, n_kv_heads):
+def qkv_rope_kv_write(x, W, norm_weight, eps, bias, cos, sin, pos, rows, k_cache, v_cache, n_heads, n_kv_heads,
+                      config=None):
     """See the module docstring; arguments as `steerfast.fused_ops.qkv_rope_kv_write` (which checks
     them). Returns q [M, n_heads, D]."""
     M, K = x.shape
@@ -121,7 +125,7 @@ def qkv_rope_kv_write(x, W, norm_weight, eps, bias, cos, sin, pos, rows, k_cache
     q = torch.empty((M, H, D), dtype=x.dtype, device=x.device)
     if M == 0:
         return q
-    cfg = _config(D, triton_interpret())
+    cfg = config or _config(M, triton_interpret())
     BLOCK_M = block_m(M)
     grid = (H + 2 * Hkv, triton.cdiv(D // 2, cfg["BLOCK_J"]), triton.cdiv(M, BLOCK_M))
     with on_device(x.device):
