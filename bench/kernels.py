@@ -1,6 +1,6 @@
 """Kernel benchmarks: the SAE encode and controller kernels per backend, and what steering costs a decode step.
 
-Sections (--sections, default all three):
+Sections (--sections, default all four):
   topk    steerfast.ops.topk_sae_encode(x, W_enc, b_enc, b_dec, k) for every backend (cuda, triton,
           torch), plus the baseline `gemm+topk` = torch.topk((x - b_dec) @ W_enc + b_enc, k) in the
           bench dtype (cuBLAS GEMM + torch.topk on a GPU). Per case: time, GB/s of the bytes the op
@@ -9,6 +9,12 @@ Sections (--sections, default all three):
           bandwidth; batch 256 no slower than 1.1x the baseline.
   ctrl    steerfast.ops.sae_controller (argmax latent -> category -> coefficient) per backend, vs the
           torch reference.
+  gemv    steerfast.fused_ops.fused_linear (RMSNorm prologue, bias / SwiGLU / residual epilogues) on every
+          decoder-layer weight of qwen2.5-1.5b and llama-3.1-8b (tiny on CPU) at M = 1, 16, 64, for the
+          triton and torch backends and the baseline `cublas` = F.linear(x, W, bias): time, GB/s, % of copy
+          bandwidth, time / cublas time, max error vs an fp32 reference, and per layer the crossover M (the
+          largest M where triton <= cublas). Targets: M = 1 reads at >= 80% of copy bandwidth; no slower
+          than cublas up to the crossover. Cases, bytes and targets: bench/gemv_section.py.
   steer   m.generate on a preset shape (steerfast.presets) with and without
           steering=Steering(vector, layer, coef): relative difference of per-token time (target < 1%).
 
@@ -42,10 +48,10 @@ from pathlib import Path
 
 import torch
 
-from . import common
+from . import common, gemv_section
 
-SECTIONS = ("topk", "ctrl", "steer")
-OPS = {"topk": "topk_sae_encode", "ctrl": "sae_controller", "steer": "steer_add"}
+SECTIONS = ("topk", "ctrl", "gemv", "steer")
+OPS = {"topk": "topk_sae_encode", "ctrl": "sae_controller", "gemv": gemv_section.OP, "steer": "steer_add"}
 BASELINE = "gemm+topk"
 
 # defaults: (CUDA, CPU)
@@ -88,6 +94,7 @@ DEFINITIONS = dict(
                        "eos_token_id=None) call, device synchronised) / N; prefill included (short prompt)",
     steer_rel_diff="median over reps of (steered per-token time / plain per-token time of the same rep) - 1; "
                    "the two runs alternate order rep to rep. rel_diff_of_medians is the ratio of the medians",
+    **gemv_section.DEFINITIONS,
     targets=f"topk: batch {TARGET_BW['batch']}, d={TARGET_BW['d']}, n={TARGET_BW['n']}: pct_copy_bw >= "
             f"{100 * TARGET_BW['min_fraction']:.0f}; topk batch {TARGET_RATIO['batch']}: vs_base <= "
             f"{TARGET_RATIO['max_ratio']} (both for the cuda and triton backends); steer: rel_diff < "
@@ -120,6 +127,7 @@ def add_arguments(p) -> None:
     p.add_argument("--ctrl-batches", type=common.int_list, default=None, help=d("ctrl_batches"))
     p.add_argument("--ctrl-dims", type=common.int_list, default=None, help=d("ctrl_dims"))
     p.add_argument("--ctrl-latents", type=common.int_list, default=None, help=d("ctrl_latents"))
+    gemv_section.add_arguments(p)
     p.add_argument("--steer-model", default=None, help=f"preset shape ({d('steer_model')})")
     p.add_argument("--steer-batches", type=common.int_list, default=None, help=d("steer_batches"))
     p.add_argument("--steer-new-tokens", type=int, default=None, help=d("steer_new_tokens"))
@@ -192,6 +200,10 @@ def settings(args, device: torch.device) -> dict:
             notes.append("triton skipped: on CPU it runs only under TRITON_INTERPRET=1 (set it to include triton)")
         notes.append("cuda skipped: no CUDA device")
     s["backends"] = backends
+    if "gemv" in s["sections"]:
+        gemv_section.settings(args, s, device.type == "cuda")
+        if "cuda" in backends:
+            notes.append("gemv: fused_linear has no cuda backend (triton, torch and the cublas baseline run)")
     s["notes"] = notes
     if min(s["batches"] + s["ctrl_batches"] + s["steer_batches"] + s["dims"] + s["latents"]
            + s["ctrl_dims"] + s["ctrl_latents"], default=1) < 1 or args.k < 1:
@@ -204,6 +216,8 @@ def section_backends(section: str, s: dict) -> list[str]:
         return [BASELINE, *s["backends"]]
     if section == "ctrl":
         return s["backends"] if "torch" in s["backends"] else [*s["backends"], "torch"]
+    if section == "gemv":
+        return gemv_section.backends(s)
     return ["default"]  # steer: the dispatch's own choice, as generate uses it
 
 
@@ -214,11 +228,13 @@ def section_cases(section: str, s: dict) -> list[dict]:
     if section == "ctrl":
         return [dict(op=OPS[section], batch=b, d=d, n=n)
                 for b in s["ctrl_batches"] for d in s["ctrl_dims"] for n in s["ctrl_latents"]]
+    if section == "gemv":
+        return gemv_section.cases(s)
     return [dict(op=OPS[section], model=s["steer_model"], batch=b) for b in s["steer_batches"]]
 
 
 def case_key(r: dict) -> tuple:
-    return tuple(r.get(k) for k in ("op", "model", "batch", "d", "n", "backend"))
+    return tuple(r.get(k) for k in ("op", "model", "layer", "batch", "d", "n", "backend"))
 
 
 # ---------------------------------------------------------------- timing
@@ -483,7 +499,7 @@ def run_section(section: str, backend: str, s: dict, device, emit) -> None:
                 emit(dict(c, backend="default", error=err_text(e), traceback=traceback.format_exc(limit=8)),
                      missing_only=True)
         return
-    measure = measure_topk if section == "topk" else measure_ctrl
+    measure = dict(topk=measure_topk, ctrl=measure_ctrl, gemv=gemv_section.measure)[section]
     timer = Timer(torch.device(device), s)
     lost = None
     for case in cases:
@@ -541,6 +557,7 @@ def postprocess(results: dict, s: dict, bw: dict) -> list[dict]:
                 targets.append(dict(target="no slower than 1.1x gemm+topk", op=r["op"], batch=r["batch"], d=r["d"],
                                     n=r["n"], backend=r["backend"], value=r["vs_base"],
                                     threshold=TARGET_RATIO["max_ratio"], met=met))
+    targets += gemv_section.postprocess(results.get(gemv_section.OP, []), s, bw)
     for r in results.get("steer_add", []):
         if "error" not in r:
             met = r["rel_diff"] < TARGET_STEER["max_rel_diff"]
@@ -571,6 +588,8 @@ def table_rows(section: str, recs: list[dict]) -> list[dict]:
 
 
 def print_section(section: str, recs: list[dict]) -> None:
+    if section == "gemv":
+        return gemv_section.print_table(recs, short)
     cols = dict(topk=TOPK_COLUMNS, ctrl=CTRL_COLUMNS, steer=STEER_COLUMNS)[section]
     title = dict(topk="topk_sae_encode", ctrl="sae_controller", steer="steering overhead in generate")[section]
     print(f"\n{title}")
@@ -588,7 +607,7 @@ def make_emit(section: str, backend: str, records: list, save=None):
             save()
         tag = ("ERROR " + short(rec["error"], 200) if "error" in rec
                else f"{rec['us']:.1f} us" if "us" in rec else f"{100 * rec.get('rel_diff', 0):+.2f}%")
-        where = " ".join(f"{k}={rec[k]}" for k in ("model", "batch", "d", "n") if k in rec)
+        where = " ".join(f"{k}={rec[k]}" for k in ("model", "layer", "batch", "d", "n") if k in rec)
         print(f"  {section} {backend} {where}: {tag}", flush=True)
     return emit
 
@@ -691,7 +710,8 @@ def run(args) -> int:
     if doc["targets"]:
         print("\ntargets" + ("" if cuda else " (set for an H100: informational only on CPU)") + ":")
         for t in doc["targets"]:
-            where = " ".join(f"{k}={t[k]}" for k in ("model", "batch", "d", "n", "backend") if k in t)
+            where = " ".join(f"{k}={t[k]}" for k in ("model", "layer", "batch", "d", "n", "backend", "crossover_m")
+                             if k in t)
             print(f"  {'ok  ' if t['met'] else 'MISS'} {t['target']}: {where}: {t['value']:.3f} "
                   f"(threshold {t['threshold']})")
     errors = [r for recs in results.values() for r in recs if "error" in r]
@@ -701,7 +721,7 @@ def run(args) -> int:
         for r in errors:
             groups.setdefault((r["op"], r["backend"], r["error"]), []).append(r)
         for (op, b, msg), rs in groups.items():
-            where = ", ".join("/".join(str(r[k]) for k in ("model", "batch", "d", "n") if r.get(k) is not None)
+            where = ", ".join("/".join(str(r[k]) for k in ("model", "layer", "batch", "d", "n") if r.get(k) is not None)
                               for r in rs)
             print(f"  {op} [{b}] {len(rs)} case(s) ({short(where, 80)}): {short(msg, 400)}")
     out = common.write_json(args.out, doc)
