@@ -1,6 +1,6 @@
 """`Hybrid`: a base model generates while a thinking model, read through a Top-K SAE, decides
-which reasoning behaviour to steer toward (Venhoff et al., 2025). Semantics: DESIGN.md, "The
-hybrid loop"; steerfast.hybrid_reference is the paper's loop it must equal token for token.
+which reasoning behaviour to steer toward (Venhoff et al., 2025). Semantics: docs/architecture.md,
+"The hybrid loop"; steerfast.hybrid_reference is the paper's loop it must equal token for token.
 
 How it stays cheap:
 - the base model's KV cache only ever holds unsteered keys/values: a position is steered only
@@ -312,9 +312,9 @@ class Hybrid:
             choice = {}
             if rows:
                 cand = self._candidates(rows, cats, Lb, residual, grid, B)
-                if len(grid) > 1:
-                    logp = torch.log_softmax(logits_t[rows].double(), -1).to(cand.device)
-                    best = logp.gather(1, cand).argmax(-1)  # the first of equal scores wins
+                if len(grid) > 1:  # the thinking model's logits at the candidates: a log-softmax would
+                    # shift each row by a constant (same choice, same ties: the first wins)
+                    best = logits_t[rows].to(cand.device).gather(1, cand).argmax(-1)
                 else:
                     best = torch.zeros(len(rows), dtype=torch.int64, device=cand.device)
                 tok[rows] = cand[torch.arange(len(rows), device=cand.device), best]

@@ -2,9 +2,10 @@
 
 Both models take the last token, the controller names a category, the gate decides, and every
 coefficient's candidate is an extra row of the same step: the base residual after `steer_layer`
-at the current position, steered, run through the later layers against its sequence's unsteered
-KV prefix (Context.prefix_rows). The thinking model's log-probabilities pick the candidate and the
-token, record and stop flags are written into fixed buffers. No host sync: on the GPU the step is
+at the current position, steered, run through the later layers together with the unsteered row
+(one pass: the upper layers' weights and the lm_head are read once) against its sequence's
+unsteered KV prefix (Context.prefix_rows). The thinking model's logits at the candidate tokens pick
+the candidate, and the token, record and stop flags are written into fixed buffers. No host sync: on the GPU the step is
 one CUDA graph per batch bucket, replayed once per token.
 """
 from __future__ import annotations
@@ -31,7 +32,8 @@ class StepState:
     out_cat: torch.Tensor  # [Bb, W] int32
     out_best: torch.Tensor  # [Bb, W] int64, index of the chosen coefficient
     coef_rows: torch.Tensor  # [nc*Bb] fp32, the coefficient of each candidate row
-    prefix_rows: torch.Tensor  # [nc*Bb] int64, each candidate row's sequence row
+    rows: torch.Tensor  # [(nc+1)*Bb] int64, cache row of each row of the step: the sequences', then scratch
+    prefix_rows: torch.Tensor  # [(nc+1)*Bb] int64, the sequence row each row reads its prefix from
     zeros: torch.Tensor  # [nc*Bb] int32
 
 
@@ -39,7 +41,8 @@ def new_state(Bb: int, width: int, n_eos: int, coefs: list[float], device) -> St
     z = lambda dtype, *shape: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
     nc = len(coefs)
     return StepState(coef_rows=torch.tensor(coefs, dtype=torch.float32, device=device).repeat_interleave(Bb),
-                     prefix_rows=torch.arange(Bb, device=device).repeat(nc), zeros=z(torch.int32, nc * Bb),
+                     rows=torch.arange((nc + 1) * Bb, device=device),
+                     prefix_rows=torch.arange(Bb, device=device).repeat(nc + 1), zeros=z(torch.int32, nc * Bb),
                      tok=z(torch.int64, Bb), pos_b=z(torch.int32, Bb), pos_t=z(torch.int32, Bb),
                      done=torch.ones(Bb, dtype=torch.bool, device=device), step=z(torch.int64, 1),
                      eos=z(torch.int64, max(n_eos, 1)) - 1, out_tok=z(torch.int64, Bb, width),
@@ -52,12 +55,26 @@ def fast_step(h, s: StepState) -> None:
     base, think = h.base.net, h.thinking.net
     Bb, dev = s.tok.shape[0], s.tok.device
     nc = s.coef_rows.shape[0] // Bb
-    ctx_b = Context(input_pos=s.pos_b[:, None], capture_layer=h.steer_layer)
-    y0 = base(s.tok[:, None], ctx_b)[:, 0].argmax(-1)
+    la = h.steer_layer + 1
+    # the base rows up to steer_layer; there the candidates branch off as extra rows
+    ctx_b = Context(input_pos=s.pos_b[:, None])
+    x = base.decode_layers(base.tok_embeddings(s.tok), ctx_b, 0, la)  # [Bb, d], unsteered
     ctx_t = Context(input_pos=s.pos_t[:, None], capture_layer=h.sae_layer)
     logits_t = think(s.tok.to(h.thinking.device)[:, None], ctx_t)[:, 0]
     ctrl = h.sae.controller(ctx_t.captured[:, 0], h.cat_map, h.threshold, h.cat_coef)
     cat = ctrl.category.to(dev)
+
+    # rows c * Bb + b (c >= 1): coefficient c - 1 for sequence b, steered at the same position; row b
+    # (c = 0) is the sequence itself. One pass of the upper layers reads their weights once for all
+    # rows; candidate rows write their keys/values to scratch cache rows and read their sequence's
+    # prefix in place (Context.prefix_rows); for the sequence's own row that is its own row.
+    pos = s.pos_b.repeat(nc + 1)[:, None]  # [(nc+1)*Bb, 1]
+    xs = x.repeat(nc + 1, 1)  # [(nc+1)*Bb, d]
+    ops.steer_add_(xs[Bb:, None], pos[Bb:], s.zeros, h.vectors, cat.to(torch.int32).repeat(nc), s.coef_rows, h.bias)
+    ctx_c = Context(input_pos=pos, rows=s.rows, prefix_rows=s.prefix_rows, prefix_lens=s.pos_b.repeat(nc + 1))
+    logits = base.decode_head(base.decode_layers(xs, ctx_c, la, len(base.layers)))  # [(nc+1)*Bb, V]
+    y = logits.argmax(-1).view(nc + 1, Bb).T  # [Bb, nc+1]
+    y0, y_c = y[:, 0], y[:, 1:]
     if h.gate == "thinking":
         gate = logits_t.argmax(-1).to(dev) != y0
     elif h.gate == "controller":
@@ -66,16 +83,9 @@ def fast_step(h, s: StepState) -> None:
         t = s.step.double()
         gate = (((t + 1) * h.gate).floor() > (t * h.gate).floor()).expand(Bb)
     gate = gate & (cat >= 0) & ~s.done
-
-    # candidates: row c * Bb + b is coefficient c for sequence b, at the same position
-    pos = s.pos_b.repeat(nc)[:, None]  # [nc*Bb, 1]
-    x = ctx_b.captured.repeat(nc, 1, 1).contiguous()  # [nc*Bb, 1, d], unsteered residual after steer_layer
-    ops.steer_add_(x, pos, s.zeros, h.vectors, cat.to(torch.int32).repeat(nc), s.coef_rows, h.bias)
-    ctx_c = Context(input_pos=pos, row_offset=Bb, start_layer=h.steer_layer + 1, prefix_rows=s.prefix_rows,
-                    prefix_lens=s.pos_b.repeat(nc))
-    y_c = base(x, ctx_c)[:, 0].argmax(-1).view(nc, Bb).T  # [Bb, nc]
-    logp = torch.log_softmax(logits_t.double(), -1).to(dev)
-    best = logp.gather(1, y_c).argmax(-1) if nc > 1 else torch.zeros_like(y0)  # first of equal scores wins
+    # the thinking model's favourite candidate: its logits gathered at the candidate tokens (a
+    # log-softmax is a per-row shift: the same choice and the same ties, first wins)
+    best = logits_t.to(dev).gather(1, y_c).argmax(-1) if nc > 1 else torch.zeros_like(y0)
     nxt = torch.where(gate, y_c.gather(1, best[:, None])[:, 0], y0)
     nxt = torch.where(s.done, s.tok, nxt)
 

@@ -1,7 +1,7 @@
 """Count the kernels a piece of code launches, without a GPU: the decode step's launch budget.
 
-Inside a CUDA graph every kernel node costs ~2 us however little it reads (DESIGN.md, principle
-5), so the number of kernels per decode step is a budget that CI can hold without a GPU: aten ops
+Inside a CUDA graph every kernel node costs ~2 us however little it reads (docs/architecture.md,
+"The decode step"), so the number of kernels per decode step is a budget that CI can hold without a GPU: aten ops
 that do work (views, allocations and our own custom-op wrappers excluded) are counted through a
 TorchDispatchMode, Triton launches by wrapping the launch itself, and whatever runs inside a Triton
 launch (the interpreter's own tensor traffic) is not counted again.

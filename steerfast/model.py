@@ -241,22 +241,33 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(x))
 
     def _decode(self, idx: torch.Tensor, ctx: Context, head: str) -> torch.Tensor:
-        B = idx.shape[0]
+        x = self.tok_embeddings(idx[:, 0]) if ctx.start_layer == 0 else idx[:, 0]
+        x = self.decode_layers(x, ctx, ctx.start_layer, len(self.layers))
+        return self.decode_head(x, head, ctx.logits_index is not None)
+
+    def decode_layers(self, x: torch.Tensor, ctx: Context, start: int, end: int) -> torch.Tensor:
+        """One token per row, x [B, d]: the residual stream entering layer `start` -> leaving layer
+        end - 1, on the fused decode path (the hybrid runs its candidate rows from steer_layer + 1)."""
+        B = x.shape[0]
         if ctx.rows is None:  # once a step, not once a layer
-            ctx.rows = torch.arange(ctx.row_offset, ctx.row_offset + B, device=idx.device)
+            ctx.rows = torch.arange(ctx.row_offset, ctx.row_offset + B, device=x.device)
         if ctx.seq_lens is None:
             ctx.seq_lens = ctx.input_pos[:, 0] + 1
-        x = self.tok_embeddings(idx[:, 0]) if ctx.start_layer == 0 else idx[:, 0]
         steer = ctx.steer
-        for i in range(ctx.start_layer, len(self.layers)):
+        for i in range(start, end):
             x = decode_layer(self.layers[i], x, ctx, self.kv.k[i], self.kv.v[i], self.cos_table, self.sin_table,
                              steer if steer is not None and steer.layer == i else None)
             if ctx.add_after is not None and ctx.add_after[0] == i:
                 x = x + ctx.add_after[1].reshape(-1, x.shape[-1])
             if ctx.capture_layer == i:
                 ctx.captured = x[:, None]
+        return x
+
+    def decode_head(self, x: torch.Tensor, head: str = "logits", flat: bool = True) -> torch.Tensor:
+        """x [B, d] after the last layer -> greedy ids [B] (head="argmax", no [B, V] logits in memory)
+        or logits [B, V] (flat) / [B, 1, V]."""
         if head == "argmax":
             w = self.tok_embeddings.weight if self.output is None else self.output.weight
             return fused_ops.lm_head_argmax(x, w, self.norm.weight, self.norm.eps)
         logits = self.lm_head(self.norm(x))
-        return logits if ctx.logits_index is not None else logits[:, None]  # a logits_index here is 0
+        return logits if flat else logits[:, None]

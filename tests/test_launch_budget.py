@@ -1,5 +1,5 @@
-"""The decode step's kernel budget (DESIGN.md, principle 5), checked without a GPU: inside a CUDA
-graph each kernel node costs ~2 us however little it reads, so a greedy decode step may launch at
+"""The decode step's kernel budget (docs/architecture.md, "The decode step"), checked without a GPU:
+inside a CUDA graph each kernel node costs ~2 us however little it reads, so a greedy step may launch at
 most 6 kernels per decoder layer + 4 outside the layers, and no host sync. Counted on the Triton
 backend (interpreted on the CPU): every Triton launch and every aten op that does work."""
 from __future__ import annotations
