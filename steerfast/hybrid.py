@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -224,7 +224,8 @@ class Hybrid:
         graph, s = self.graphs.get(key)
         return s, graph
 
-    def _run_fast(self, s, graph, res, toks, done, Lb, Lt, start, max_new_tokens, eos, grid, check_every=16):
+    def _run_fast(self, s, graph, res, toks, done, Lb, Lt, start, max_new_tokens, eos, grid, callback,
+                  check_every=16):
         """Generate tokens start .. max_new_tokens-1 with the device-side step; append them to res."""
         B, dev = len(toks), s.tok.device
         s.tok.zero_()[:B] = torch.tensor(toks, device=dev)
@@ -237,6 +238,8 @@ class Hybrid:
         for i in range(start, max_new_tokens):
             graph.replay() if graph is not None else fast_step(self, s)
             end = i + 1
+            if callback is not None:  # waits for the device every step: only when asked for
+                callback(i, s.tok[:B].tolist())
             if (i - start + 1) % check_every == 0 and bool(s.done[:B].all()):
                 break
         cols = slice(start, end)
@@ -257,7 +260,10 @@ class Hybrid:
     # ------------------------------------------------------------------ generate
     @torch.no_grad()
     def generate(self, base_prompts, thinking_prompts, max_new_tokens: int = 256,
-                 eos_token_id: int | Sequence[int] | None | str = "default") -> HybridResult:
+                 eos_token_id: int | Sequence[int] | None | str = "default",
+                 callback: Callable[[int, list[int]], None] | None = None) -> HybridResult:
+        """callback(step, tokens): each step's token per sequence, as it is generated (a progress bar
+        or a stream; it syncs with the device every step)."""
         import time
 
         base, think = self.base, self.thinking
@@ -330,10 +336,12 @@ class Hybrid:
                 res.coef[b].append(c)
                 res.window[b].append(w)
                 done[b] = toks[b] in eos
+            if callback is not None:
+                callback(step, toks)
             if all(done) or step == max_new_tokens - 1:
                 break
             if fast:  # the rest of the run on the device
-                self._run_fast(state, graph, res, toks, done, Lb, Lt, step + 1, max_new_tokens, eos, grid)
+                self._run_fast(state, graph, res, toks, done, Lb, Lt, step + 1, max_new_tokens, eos, grid, callback)
                 break
             pos_b = torch.tensor(Lb, dtype=torch.int32, device=base.device)
             logits_b, cap = base.forward_step(tok, pos_b, max(Lb) + 1, self.steer_layer)  # a graph on the GPU

@@ -223,3 +223,17 @@ def test_device_side_fast_path_equals_the_host_loop(gate):
     assert stopped.tokens == sf.Hybrid(base, think, sae, vectors, bias, fast=False, **kw).generate(
         bp, tp, 40, eos_token_id=eos).tokens
     assert stopped.tokens[1] == slow.tokens[1][:slow.tokens[1].index(eos) + 1]
+
+
+@pytest.mark.parametrize("windows", [[-1], [-1, -2]], ids=["fast-path", "host-loop"])
+def test_callback_streams_each_steps_tokens(windows):
+    hf_b, hf_t = _pair("llama", "qwen2")
+    sae, vectors, bias = _controller(hf_t.config.hidden_size, hf_b.config.hidden_size)
+    base = sf.load_model(hf_b, device="cpu", dtype=torch.float64)
+    think = sf.load_model(hf_t, device="cpu", dtype=torch.float64)
+    h = sf.Hybrid(base, think, sae, vectors, bias, sae_layer=1, steer_layer=1, coefs=[0.5, 2.0], windows=windows)
+    seen = []
+    res = h.generate(random_prompts([5, 7], VOCAB), random_prompts([6, 4], VOCAB), 12, eos_token_id=None,
+                     callback=lambda step, toks: seen.append((step, toks)))
+    assert [s for s, _ in seen] == list(range(12))
+    assert [[t[b] for _, t in seen] for b in range(2)] == res.tokens
