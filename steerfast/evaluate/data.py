@@ -4,7 +4,7 @@ Files: JSONL, JSON (a list, or {"data": [...]}) or parquet (needs pyarrow or pan
 Hugging Face datasets layouts: GSM8K (`question`, `answer` ending in `#### n`) and MATH500
 (`problem`, `answer`, `solution`, `unique_id`). Nothing is downloaded.
 
-Prompts: the base model gets a plain-text task prompt (DESIGN.md's "Task: Answer the question
+Prompts: the base model gets a plain-text task prompt (the paper's "Task: Answer the question
 below. ... Step by step answer:"), the thinking model the question through its tokenizer's chat
 template with the generation prompt added. Both templates take `{question}`.
 """
