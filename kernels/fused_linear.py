@@ -201,7 +201,14 @@ def _argmax_reduce_kernel(
 _INTERP_CONFIG = dict(BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=1)
 
 
-def gpu_config(M: int, N_out: int, K: int, swiglu: bool = False, argmax: bool = False) -> dict:
+def gpu_config(M: int, N_out: int, K: int, swiglu: bool = False, argmax: bool = False, elt: int = 2) -> dict:
+    """Block sizes for a real GPU, for elements of `elt` bytes (fp32: half the BLOCK_K, the same shared
+    memory per pipeline stage). See _gpu_config_16bit."""
+    cfg = _gpu_config_16bit(M, N_out, K, swiglu, argmax)
+    return cfg | dict(BLOCK_K=cfg["BLOCK_K"] * 2 // elt)
+
+
+def _gpu_config_16bit(M, N_out, K, swiglu, argmax):
     """Block sizes for a real GPU: a fixed table, not triton.autotune (no benchmarking on a first call
     that could land inside a CUDA graph capture; the argmax workspace depends on BLOCK_N). Picked from
     a sweep on an H200 (bf16; Qwen2.5-1.5B and Llama-3-8B shapes, M = 1 and 64). With 64 rows the x
@@ -258,7 +265,7 @@ def fused_linear(x, W, norm_weight=None, eps=0.0, bias=None, residual=None, swig
     flags = dict(HAS_NORM=norm_weight is not None, HAS_BIAS=bias is not None, SWIGLU=bool(swiglu),
                  HAS_RESIDUAL=residual is not None, HAS_STEER=has_steer,
                  HAS_STEER_BIAS=has_steer and steer_bias is not None, ARGMAX=False, BLOCK_M=BLOCK_M, **_flags(x))
-    cfg = config or (_INTERP_CONFIG if triton_interpret() else gpu_config(M, N_out, K, swiglu))
+    cfg = config or (_INTERP_CONFIG if triton_interpret() else gpu_config(M, N_out, K, swiglu, elt=x.element_size()))
     grid = (triton.cdiv(N_out, cfg["BLOCK_N"]), triton.cdiv(M, BLOCK_M))
     with on_device(x.device):
         _fused_linear_kernel[grid](*args, **flags, **cfg)
@@ -274,7 +281,7 @@ def lm_head_argmax(x, W, norm_weight=None, eps=0.0, config=None):
     ids = torch.zeros((M,), dtype=torch.int64, device=x.device)
     if M == 0 or V == 0:
         return ids
-    cfg = config or (_INTERP_CONFIG if triton_interpret() else gpu_config(M, V, K, argmax=True))
+    cfg = config or (_INTERP_CONFIG if triton_interpret() else gpu_config(M, V, K, argmax=True, elt=x.element_size()))
     BLOCK_M = block_m(M)
     n_blocks = triton.cdiv(V, cfg["BLOCK_N"])
     part_val = torch.empty((M, n_blocks), dtype=torch.float32, device=x.device)

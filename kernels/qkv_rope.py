@@ -103,15 +103,14 @@ def _qkv_rope_kernel(
         tl.store(dst + HALF, t2.to(dtype), mask=mj_mask)
 
 
-def _config(M: int, interpret: bool) -> dict:
+def _config(M: int, interpret: bool, elt: int = 2) -> dict:
     """No autotune (the kernel writes the cache; see fused_linear.gpu_config). From an H200 sweep: 32
     RoPE pairs (64 W rows) per program, so a 1.5B model (16 heads of D = 128) has only 32 programs per
     row block: the one op here that stays well under the bandwidth floor (see the module docstring)."""
     if interpret:
         return dict(BLOCK_J=16, BLOCK_K=64, num_warps=4, num_stages=1)
-    if block_m(M) == 16:
-        return dict(BLOCK_J=32, BLOCK_K=256, num_warps=4, num_stages=4)
-    return dict(BLOCK_J=32, BLOCK_K=128, num_warps=4, num_stages=4)
+    BLOCK_K = (256 if block_m(M) == 16 else 128) * 2 // elt  # fp32: the same bytes per stage
+    return dict(BLOCK_J=32, BLOCK_K=BLOCK_K, num_warps=4, num_stages=4)
 
 
 def qkv_rope_kv_write(x, W, norm_weight, eps, bias, cos, sin, pos, rows, k_cache, v_cache, n_heads, n_kv_heads,
@@ -125,7 +124,7 @@ def qkv_rope_kv_write(x, W, norm_weight, eps, bias, cos, sin, pos, rows, k_cache
     q = torch.empty((M, H, D), dtype=x.dtype, device=x.device)
     if M == 0:
         return q
-    cfg = config or _config(M, triton_interpret())
+    cfg = config or _config(M, triton_interpret(), x.element_size())
     BLOCK_M = block_m(M)
     grid = (H + 2 * Hkv, triton.cdiv(D // 2, cfg["BLOCK_J"]), triton.cdiv(M, BLOCK_M))
     with on_device(x.device):
