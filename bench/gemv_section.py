@@ -16,6 +16,11 @@ on a GPU; none of the prologue / epilogue fusions), steerfast's `triton` fused_l
 (its reference, eager PyTorch: several kernels). fused_linear has no CUDA C++ version, so a
 requested `cuda` backend is not run here.
 
+Timing as the other sections (kernels.Timer): L2 flushed before each timed call at M <= --flush-max-batch
+(default 1). Above it, a weight that fits in L2 (H200: 60 MB; e.g. every qwen2.5-1.5b weight but
+gate_up and lm_head) is read from L2 by the repeated calls, which a decode step (every layer's weights
+between two uses of one) never does: `--flush-max-batch 64` gives decode-like times and crossovers.
+
 This module holds the cases, inputs, measurement, bytes and targets; bench/kernels.py dispatches.
 """
 from __future__ import annotations
@@ -43,14 +48,14 @@ DEFINITIONS = dict(
                 "norm / SwiGLU / residual the fused op also does",
     gemv_max_err="max |output - fp32 reference|: fused backends vs fused_linear_torch on fp32 copies of the inputs; "
                  "cublas vs F.linear in fp32 (its own function). ref_absmax: max |fp32 reference| for scale",
-    gemv_crossover_m="per (model, layer): the largest measured M at which triton us <= cublas us (None: at none); "
+    gemv_crossover_m="per (model, weight): the largest measured M at which triton us <= cublas us (None: at none); "
                      "the decode step can use fused_linear up to it and cuBLAS above",
     gemv_targets=f"CUDA only: triton pct_copy_bw >= {100 * TARGET_BW['min_fraction']:.0f} at M = 1 for every layer of "
-                 f"{', '.join(TARGET_BW['models'])}; per layer, triton no slower than cublas at every measured M up "
+                 f"{', '.join(TARGET_BW['models'])}; per weight, triton no slower than cublas at every measured M up "
                  "to its crossover (which must be >= the smallest M)",
 )
 
-COLUMNS = [("model", "model"), ("layer", "layer"), ("N", "N"), ("K", "K"), ("batch", "M"), ("backend", "backend"),
+COLUMNS = [("model", "model"), ("weight", "weight"), ("N", "N"), ("K", "K"), ("batch", "M"), ("backend", "backend"),
            ("us", "us"), ("loop_us", "loop us"), ("gbps", "GB/s"), ("pct_copy_bw", "% copy bw"),
            ("vs_base", "vs cublas"), ("max_err", "max err"), ("crossover_m", "xover M"), ("target", "target")]
 
@@ -89,11 +94,11 @@ def layer_shapes(model: str) -> tuple[list[dict], float]:
     a = ModelArgs.from_hf(hf_config(model).to_dict())
     H, Hkv, D, d, I = a.n_heads, a.n_kv_heads, a.head_dim, a.dim, a.intermediate_size
     flags = dict(norm=False, bias=False, residual=False, swiglu=False)
-    return [dict(flags, layer="qkv", N=(H + 2 * Hkv) * D, K=d, norm=True, bias=a.qkv_bias),
-            dict(flags, layer="o", N=d, K=H * D, bias=a.o_bias, residual=True),
-            dict(flags, layer="gate_up", N=2 * I, K=d, norm=True, bias=a.mlp_bias, swiglu=True),
-            dict(flags, layer="down", N=d, K=I, bias=a.mlp_bias, residual=True),
-            dict(flags, layer="lm_head", N=a.vocab_size, K=d),
+    return [dict(flags, weight="qkv", N=(H + 2 * Hkv) * D, K=d, norm=True, bias=a.qkv_bias),
+            dict(flags, weight="o", N=d, K=H * D, bias=a.o_bias, residual=True),
+            dict(flags, weight="gate_up", N=2 * I, K=d, norm=True, bias=a.mlp_bias, swiglu=True),
+            dict(flags, weight="down", N=d, K=I, bias=a.mlp_bias, residual=True),
+            dict(flags, weight="lm_head", N=a.vocab_size, K=d),
             ], a.norm_eps
 
 
@@ -103,8 +108,8 @@ def cases(s: dict) -> list[dict]:
         shapes, eps = layer_shapes(model)
         for sh in shapes:
             for M in s["gemv_batches"]:
-                out.append(dict(op=OP, model=model, layer=sh["layer"], batch=M, **{k: v for k, v in sh.items()
-                                                                                  if k != "layer"}, eps=eps))
+                out.append(dict(op=OP, model=model, weight=sh["weight"], batch=M, **{k: v for k, v in sh.items()
+                                                                                  if k != "weight"}, eps=eps))
     return out
 
 
@@ -137,7 +142,7 @@ def inputs(case: dict, dtype, device, seed: int) -> dict:
     """W ~ N(0, 1/K) [N, K] (the same for every M and backend of a layer); x ~ N(0, 1) [M, K]; RMSNorm
     weight 1 + N(0, 0.1); bias N(0, 0.1); residual N(0, 1) [M, N_out]."""
     M, N, K = case["batch"], case["N"], case["K"]
-    key = (case["model"], case["layer"], N, K, dtype, str(device), seed)
+    key = (case["model"], case["weight"], N, K, dtype, str(device), seed)
     if key not in _W_CACHE:
         _W_CACHE.clear()
         common.free_memory(device)
@@ -184,11 +189,11 @@ def measure(case: dict, backend: str, s: dict, device, dtype, timer) -> dict:
 
 # ---------------------------------------------------------------- parent side
 def _shape_key(r: dict) -> tuple:
-    return r["model"], r["layer"]
+    return r["model"], r["weight"]
 
 
 def crossover(recs: list[dict]) -> list[dict]:
-    """Per (model, layer): triton us / cublas us at each M measured by both, and crossover_m, the
+    """Per (model, weight): triton us / cublas us at each M measured by both, and crossover_m, the
     largest M at which triton <= cublas (None: at none)."""
     times: dict = {}
     for r in recs:
@@ -203,7 +208,7 @@ def crossover(recs: list[dict]) -> list[dict]:
         xo = max(wins) if wins else None
         # the win region starts at the smallest M and is contiguous up to the crossover
         contiguous = xo is not None and all(q <= 1.0 for M, q in ratios.items() if M <= xo)
-        out.append(dict(model=model, layer=layer, crossover_m=xo, ratio_by_m={str(M): q for M, q in ratios.items()},
+        out.append(dict(model=model, weight=layer, crossover_m=xo, ratio_by_m={str(M): q for M, q in ratios.items()},
                         contiguous=contiguous))
     return out
 
@@ -214,7 +219,7 @@ def postprocess(recs: list[dict], s: dict, bw: dict) -> list[dict]:
     elt = common.DTYPES[s["dtype"]].itemsize
     cuda = str(s["device"]).startswith("cuda")
     base = {(_shape_key(r), r["batch"]): r.get("us") for r in recs if r["backend"] == BASELINE and "error" not in r}
-    xo = {(c["model"], c["layer"]): c for c in crossover(recs)}
+    xo = {(c["model"], c["weight"]): c for c in crossover(recs)}
     targets = []
     for r in recs:
         r["bytes"] = op_bytes(r, elt)
@@ -234,7 +239,7 @@ def postprocess(recs: list[dict], s: dict, bw: dict) -> list[dict]:
             met = r["pct_copy_bw"] >= 100 * TARGET_BW["min_fraction"]
             r["target"] = f"bw>={100 * TARGET_BW['min_fraction']:.0f}%: {'ok' if met else 'MISS'}"
             targets.append(dict(target="fused_linear reads at >= 80% of copy bandwidth at M = 1", op=OP,
-                                model=r["model"], layer=r["layer"], batch=r["batch"], backend=r["backend"],
+                                model=r["model"], weight=r["weight"], batch=r["batch"], backend=r["backend"],
                                 value=r["pct_copy_bw"] / 100, threshold=TARGET_BW["min_fraction"], met=met))
     if cuda:
         for (model, layer), c in xo.items():
@@ -244,7 +249,7 @@ def postprocess(recs: list[dict], s: dict, bw: dict) -> list[dict]:
             worst = max((q for M, q in ratios.items() if c["crossover_m"] is not None and int(M) <= c["crossover_m"]),
                         default=min(ratios.values()))
             targets.append(dict(target="fused_linear no slower than cublas up to its crossover M", op=OP, model=model,
-                                layer=layer, backend=TARGET_XOVER["backend"], crossover_m=c["crossover_m"],
+                                weight=layer, backend=TARGET_XOVER["backend"], crossover_m=c["crossover_m"],
                                 value=worst, threshold=1.0, met=c["contiguous"]))
     return targets
 
@@ -272,5 +277,5 @@ def print_table(recs: list[dict], short) -> None:
         rows = [dict(c, crossover_m=c["crossover_m"] if c["crossover_m"] is not None else "none",
                      ratios="  ".join(f"M={M}: {common.fmt(q)}" for M, q in c["ratio_by_m"].items()),
                      contiguous="yes" if c["contiguous"] else "no") for c in xs]
-        print(common.format_table(rows, [("model", "model"), ("layer", "layer"), ("crossover_m", "xover M"),
+        print(common.format_table(rows, [("model", "model"), ("weight", "weight"), ("crossover_m", "xover M"),
                                          ("contiguous", "wins from M=min"), ("ratios", "triton / cublas")]))

@@ -234,7 +234,7 @@ def section_cases(section: str, s: dict) -> list[dict]:
 
 
 def case_key(r: dict) -> tuple:
-    return tuple(r.get(k) for k in ("op", "model", "layer", "batch", "d", "n", "backend"))
+    return tuple(r.get(k) for k in ("op", "model", "weight", "batch", "d", "n", "backend"))
 
 
 # ---------------------------------------------------------------- timing
@@ -607,7 +607,7 @@ def make_emit(section: str, backend: str, records: list, save=None):
             save()
         tag = ("ERROR " + short(rec["error"], 200) if "error" in rec
                else f"{rec['us']:.1f} us" if "us" in rec else f"{100 * rec.get('rel_diff', 0):+.2f}%")
-        where = " ".join(f"{k}={rec[k]}" for k in ("model", "layer", "batch", "d", "n") if k in rec)
+        where = " ".join(f"{k}={rec[k]}" for k in ("model", "weight", "batch", "d", "n") if k in rec)
         print(f"  {section} {backend} {where}: {tag}", flush=True)
     return emit
 
@@ -710,7 +710,7 @@ def run(args) -> int:
     if doc["targets"]:
         print("\ntargets" + ("" if cuda else " (set for an H100: informational only on CPU)") + ":")
         for t in doc["targets"]:
-            where = " ".join(f"{k}={t[k]}" for k in ("model", "layer", "batch", "d", "n", "backend", "crossover_m")
+            where = " ".join(f"{k}={t[k]}" for k in ("model", "weight", "batch", "d", "n", "backend", "crossover_m")
                              if k in t)
             print(f"  {'ok  ' if t['met'] else 'MISS'} {t['target']}: {where}: {t['value']:.3f} "
                   f"(threshold {t['threshold']})")
@@ -721,8 +721,8 @@ def run(args) -> int:
         for r in errors:
             groups.setdefault((r["op"], r["backend"], r["error"]), []).append(r)
         for (op, b, msg), rs in groups.items():
-            where = ", ".join("/".join(str(r[k]) for k in ("model", "layer", "batch", "d", "n") if r.get(k) is not None)
-                              for r in rs)
+            keys = ("model", "weight", "batch", "d", "n")
+            where = ", ".join("/".join(str(r[k]) for k in keys if r.get(k) is not None) for r in rs)
             print(f"  {op} [{b}] {len(rs)} case(s) ({short(where, 80)}): {short(msg, 400)}")
     out = common.write_json(args.out, doc)
     print(f"\nwrote {out}")

@@ -49,12 +49,13 @@ def test_bench_kernels_cpu_smoke(tmp_path):
     out = tmp_path / "k.json"
     cmd = [sys.executable, "-m", "bench", "kernels", "--device", "cpu", "--backends", "torch",
            "--batches", "1,2", "--dims", "32", "--latents", "15,100", "--ctrl-batches", "1", "--ctrl-latents", "15",
+           "--gemv-batches", "1",
            "--steer-batches", "1", "--steer-new-tokens", "4", "--steer-prompt-len", "4", "--steer-reps", "2",
            "--reps", "5", "--copy-mib", "16", "--isolate", "yes", "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "STEERFAST_BACKEND")}
     r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
-    for head in ("topk_sae_encode", "sae_controller", "steering overhead", "% copy bw", "vs base"):
+    for head in ("topk_sae_encode", "sae_controller", "fused_linear", "steering overhead", "% copy bw", "vs base"):
         assert head in r.stdout, head
 
     d = json.loads(out.read_text())
@@ -62,7 +63,9 @@ def test_bench_kernels_cpu_smoke(tmp_path):
         assert key in d["env"], key
     assert d["copy_bandwidth"]["bytes_per_s"] > 0
     assert {"us", "bytes", "gbps", "pct_copy_bw", "vs_base", "targets"} <= set(d["definitions"])
-    assert [w["rc"] for w in d["workers"]] == [0, 0, 0, 0]
+    assert [(w["section"], w["backend"], w["rc"]) for w in d["workers"]] == [  # every section by default
+        ("topk", "gemm+topk", 0), ("topk", "torch", 0), ("ctrl", "torch", 0), ("gemv", "cublas", 0),
+        ("gemv", "torch", 0), ("steer", "default", 0)]
 
     topk = d["results"]["topk_sae_encode"]
     assert {(x["backend"], x["batch"], x["n"]) for x in topk} == {
@@ -79,10 +82,100 @@ def test_bench_kernels_cpu_smoke(tmp_path):
     ctrl = d["results"]["sae_controller"]
     assert [(x["backend"], x["batch"], x["n"]) for x in ctrl] == [("torch", 1, 15)]
     assert ctrl[0]["us"] > 0 and ctrl[0]["vs_base"] == 1.0 and ctrl[0]["idx_ok"] == 1.0
+    gemv = d["results"]["fused_linear"]
+    assert [(x["weight"], x["backend"]) for x in gemv] == [
+        (w, b) for w in ("qkv", "o", "gate_up", "down", "lm_head") for b in ("cublas", "torch")]
+    for x in gemv:
+        assert "error" not in x, x["error"]
+        assert x["model"] == "tiny" and x["batch"] == 1 and x["us"] > 0 and x["gbps"] > 0 and x["max_err"] < 0.05
     (st,) = d["results"]["steer_add"]
     assert "error" not in st, st["error"]
     assert st["model"] == "tiny" and st["plain_ms_per_token"] > 0 and st["steered_ms_per_token"] > 0
     assert len(st["plain_ms_per_token_all"]) == 2 and isinstance(st["rel_diff"], float)
+
+
+def test_bench_kernels_gemv_cpu(tmp_path):
+    """`python -m bench kernels --sections gemv` on the tiny preset in one process: the cublas baseline
+    (F.linear), the torch reference and the Triton kernel under TRITON_INTERPRET=1, for all five
+    decoder-step weights; bytes by the documented formula, GB/s from it, errors vs fp32 small."""
+    import os
+
+    from bench import gemv_section, kernels
+    from steerfast import backend as sfb
+
+    assert "gemv" in kernels.SECTIONS  # in the default section list
+    triton = sfb.triton_available()
+    backends = "triton,torch" if triton else "torch"
+    out = tmp_path / "g.json"
+    cmd = [sys.executable, "-m", "bench", "kernels", "--device", "cpu", "--sections", "gemv", "--backends", backends,
+           "--gemv-batches", "2", "--reps", "3", "--warmup", "0", "--max-ms", "1", "--copy-mib", "16",
+           "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "STEERFAST_BACKEND"}
+    env.update(TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    for head in ("fused_linear", "vs cublas", "max err", "xover M", "crossover", "triton / cublas"):
+        assert head in r.stdout, head
+
+    d = json.loads(out.read_text())
+    assert d["settings"]["gemv_models"] == ["tiny"] and d["settings"]["gemv_batches"] == [2]
+    assert {"gemv_bytes", "gemv_cublas", "gemv_max_err", "gemv_crossover_m"} <= set(d["definitions"])
+    assert not d["targets"]  # CUDA only
+    recs = d["results"]["fused_linear"]
+    names = ["cublas", *(["triton"] if triton else []), "torch"]
+    assert [(x["weight"], x["backend"]) for x in recs] == [
+        (w, b) for w in ("qkv", "o", "gate_up", "down", "lm_head") for b in names]
+    # tiny: d=64, 4 heads of 16, 2 kv heads, I=192, V=512, no biases (llama)
+    shapes = dict(qkv=(128, 64, 128, False), o=(64, 64, 64, True), gate_up=(384, 64, 192, False),
+                  down=(64, 192, 64, True), lm_head=(512, 64, 512, False))
+    by = {(x["weight"], x["backend"]): x for x in recs}
+    for x in recs:
+        assert "error" not in x, x["error"]
+        N, K, n_out, res = shapes[x["weight"]]
+        assert (x["N"], x["K"], x["batch"], x["residual"], x["bias"]) == (N, K, 2, res, False)
+        assert x["norm"] == (x["weight"] in ("qkv", "gate_up")) and x["swiglu"] == (x["weight"] == "gate_up")
+        want = N * K * 2 + 2 * K * 2 + 2 * n_out * 2 + (2 * n_out * 2 if res else 0) + (K * 2 if x["norm"] else 0)
+        assert x["bytes"] == want == gemv_section.op_bytes(x, 2)
+        assert x["us"] > 0 and x["reps"] >= 3
+        assert abs(x["gbps"] - x["bytes"] / x["us"] / 1e3) < 1e-9 * x["gbps"] and x["pct_copy_bw"] > 0
+        base = by[(x["weight"], "cublas")]
+        assert abs(x["vs_base"] - x["us"] / base["us"]) < 1e-9 * x["vs_base"]
+        assert 0 <= x["max_err"] < 0.05 * max(1.0, x["ref_absmax"])  # bf16 roundings vs the fp32 reference
+        if x["backend"] == "triton":  # the kernel rounds where the reference does
+            assert x["max_err"] <= by[(x["weight"], "torch")]["max_err"] + 0.02
+            assert "crossover_m" in x
+    assert all(by[(w, "cublas")]["vs_base"] == 1.0 for w in shapes)
+
+
+def test_bench_gemv_crossover_and_targets():
+    """The gemv section's crossover (largest M where triton <= cublas) and its CUDA targets, on made-up times."""
+    from bench import gemv_section as g
+
+    def rec(weight, backend, M, us):
+        return dict(op=g.OP, model="llama-3.1-8b", weight=weight, batch=M, N=4096, K=4096, norm=False, bias=False,
+                    residual=True, swiglu=False, backend=backend, us=us)
+    times = dict(o=dict(cublas=(10, 12, 20), triton=(9, 11, 30)),  # wins at 1, 16: crossover 16
+                 down=dict(cublas=(10, 12, 20), triton=(11, 11, 19)),  # wins at 16, 64 but not 1: MISS
+                 qkv=dict(cublas=(10, 12, 20), triton=(11, 13, 21)))  # never: crossover None
+    recs = [rec(w, b, M, us) for w, bs in times.items() for b, ts in bs.items() for M, us in zip((1, 16, 64), ts)]
+    xo = {c["weight"]: c for c in g.crossover(recs)}
+    assert (xo["o"]["crossover_m"], xo["o"]["contiguous"]) == (16, True)
+    assert (xo["down"]["crossover_m"], xo["down"]["contiguous"]) == (64, False)
+    assert (xo["qkv"]["crossover_m"], xo["qkv"]["contiguous"]) == (None, False)
+    bw = dict(bytes_per_s=4e12)
+    assert g.postprocess(recs, dict(dtype="bf16", device="cpu"), bw) == []  # targets: CUDA only
+    targets = g.postprocess(recs, dict(dtype="bf16", device="cuda:0"), bw)
+    xt = {t["weight"]: t for t in targets if "crossover_m" in t}
+    assert {w: t["met"] for w, t in xt.items()} == dict(o=True, down=False, qkv=False)
+    bt = {t["weight"]: t for t in targets if "crossover_m" not in t}
+    assert set(bt) == {"o", "down", "qkv"}  # triton at M = 1
+    for w, t in bt.items():
+        r = next(x for x in recs if (x["weight"], x["backend"], x["batch"]) == (w, "triton", 1))
+        assert t["value"] == r["pct_copy_bw"] / 100 and t["met"] == (t["value"] >= 0.8)
+        assert r["bytes"] == 4096 * 4096 * 2 + 4096 * 2 + 2 * 4096 * 2
+        assert r["target"].endswith("ok" if t["met"] else "MISS")
+    assert [bt[w]["met"] for w in ("o", "down", "qkv")] == [True, False, False]  # 33.6 MB in 9 / 11 us: 93% / 76%
+    assert [r["crossover_m"] for r in recs if r["weight"] == "o"] == [16] * 6
 
 
 def test_bench_hybrid_cpu_smoke(tmp_path):
