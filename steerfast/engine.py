@@ -19,7 +19,7 @@ from .errors import (InsufficientMemoryError, InvalidInputError, NonFiniteError,
                      TokenOutOfRangeError)
 from .graphs import GraphRunner
 from .inputs import as_token_lists
-from .model import Context, LayerwiseKVCache, Steer, Transformer
+from .model import Capture, Context, LayerwiseKVCache, Steer, Transformer
 from .sampling import sample
 from .steering import Steering
 
@@ -153,16 +153,18 @@ class Model:
         (ensure_cache). Returns the last position's logits [B, V], the output of `capture_layer` at
         every position [B, T, d] (or None) and the lengths [B] int64."""
         tokens, pos, lens = right_pad(prompts, self.device)
-        ctx = Context(input_pos=pos, kv_len=tokens.shape[1], logits_index=lens - 1, capture_layer=capture_layer)
+        cap = Capture(capture_layer)
+        ctx = Context(input_pos=pos, kv_len=tokens.shape[1], logits_index=lens - 1,
+                      edits=() if capture_layer is None else (cap,))
         logits = self.net(tokens, ctx)
-        return logits, ctx.captured, lens
+        return logits, cap.value, lens
 
     # ------------------------------------------------------------------ one decode step
     def _decode_step(self, s: StepBuffers, mode: str):
         """One token for every row of `s`: greedy is the decoder's fused kernels plus an argmax head
         and one bookkeeping kernel; sampling reads the logits."""
-        steer_layer = None if s.steer is None else s.steer.layer
-        ctx = Context(input_pos=s.pos[:, None], steer=s.steer, capture_layer=steer_layer, rows=s.rows,
+        cap = None if s.steer is None else Capture(s.steer.layer)  # its output: the overflow check
+        ctx = Context(input_pos=s.pos[:, None], edits=() if cap is None else (s.steer, cap), rows=s.rows,
                       seq_lens=s.seq_lens)
         if mode == "greedy":
             nxt = self.net(s.tok[:, None], ctx, head="argmax")
@@ -170,7 +172,7 @@ class Model:
             logits = self.net(s.tok[:, None], ctx)[:, 0]
             nxt = sample(logits, s.temperature, s.top_k, s.top_p, s.seed, s.pos + 1, mode)
         if s.steer is not None:
-            s.finite &= norm_is_finite(ctx.captured[:, 0])
+            s.finite &= norm_is_finite(cap.value[:, 0])
         # finished rows stand still (trimmed on the host); record, stop, advance
         fused_ops.decode_tail_(nxt, s.done, s.tok, s.pos, s.seq_lens, s.step, s.out, s.stop)
 
@@ -209,9 +211,10 @@ class Model:
         Bucket padding rows write position 0 of cache rows B..bucket-1: callers own those rows."""
         B = tok.shape[0]
         if self.eager:
-            ctx = Context(input_pos=pos[:, None], kv_len=kv_len, capture_layer=capture_layer)
+            cap = Capture(capture_layer)
+            ctx = Context(input_pos=pos[:, None], kv_len=kv_len, edits=() if capture_layer is None else (cap,))
             logits = self.net(tok[:, None], ctx)[:, 0]
-            return logits, None if capture_layer is None else ctx.captured[:, 0]
+            return logits, None if capture_layer is None else cap.value[:, 0]
         Bb = bucket_for(B)
         key = ("step", Bb, capture_layer)
         if key not in self.graphs:
@@ -219,9 +222,10 @@ class Model:
                         pos=torch.zeros(Bb, dtype=torch.int32, device=self.device))
 
             def step():
-                ctx = Context(input_pos=bufs["pos"][:, None], capture_layer=capture_layer)
+                cap = Capture(capture_layer)
+                ctx = Context(input_pos=bufs["pos"][:, None], edits=() if capture_layer is None else (cap,))
                 bufs["logits"] = self.net(bufs["tok"][:, None], ctx)[:, 0]
-                bufs["captured"] = None if capture_layer is None else ctx.captured[:, 0]
+                bufs["captured"] = None if capture_layer is None else cap.value[:, 0]
             self.graphs.capture(key, step, bufs)
         g, bufs = self.graphs.get(key)
         bufs["tok"].zero_()[:B] = tok
@@ -281,8 +285,9 @@ class Model:
         if s.steer is not None:
             st = s.steer
             steer = Steer(st.layer, st.vectors[:B], st.idx[:B], st.coef[:B], st.start[:B])
-        ctx = Context(input_pos=pos, kv_len=T, logits_index=(lens_t - 1).long(), steer=steer,
-                      capture_layer=None if steer is None else steer.layer)
+        cap = None if steer is None else Capture(steer.layer)
+        ctx = Context(input_pos=pos, kv_len=T, logits_index=(lens_t - 1).long(),
+                      edits=() if steer is None else (steer, cap))
         logits = self.net(tokens, ctx)
         first = sample(logits, s.temperature[:B], s.top_k[:B], s.top_p[:B], s.seed[:B], lens_t, mode)
 
@@ -293,7 +298,7 @@ class Model:
         s.done.fill_(True)[:B] = (first[:, None] == s.stop[:B]).any(-1)
         s.finite.fill_(True)
         if s.steer is not None:
-            s.finite[:B] = norm_is_finite(ctx.captured).all(-1)
+            s.finite[:B] = norm_is_finite(cap.value).all(-1)
         s.step.fill_(1)
         if callback is not None:
             callback(0, first.tolist())

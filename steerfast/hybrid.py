@@ -27,7 +27,7 @@ from . import ops
 from .engine import Model, bucket_for
 from .errors import InvalidInputError, LayerIndexError, NonFiniteError, ShapeMismatchError
 from .graphs import GraphRunner
-from .model import Context
+from .model import Capture, Context
 from .hybrid_step import fast_step, new_state
 from .sae import TopKSAE
 
@@ -178,9 +178,10 @@ class Hybrid:
             tokens[b, :len(ids)] = torch.tensor(ids, device=dev)
             pos[b] = torch.arange(lens[b], lens[b] + T, dtype=torch.int32, device=dev)  # padding runs past the end
         last = torch.tensor([len(ids) - 1 for ids in new], device=dev)
-        ctx = Context(input_pos=pos, kv_len=max(lens) + T, logits_index=last, capture_layer=capture_layer)
+        cap = Capture(capture_layer)
+        ctx = Context(input_pos=pos, kv_len=max(lens) + T, logits_index=last, edits=(cap,))
         logits = m.net(tokens, ctx)
-        return logits, ctx.captured[torch.arange(B, device=dev), last]
+        return logits, cap.value[torch.arange(B, device=dev), last]
 
     def _candidates(self, rows: list[int], cats: list[int], L: list[int], residual: torch.Tensor,
                     grid: list[tuple[float, int]], B: int) -> torch.Tensor:
@@ -203,9 +204,9 @@ class Hybrid:
                 last = torch.tensor([n - f - 1 for n, f in zip(lens, first)], device=dev)
                 # the window's keys/values go to scratch rows B.., the prefix is read from the sequence's row
                 ctx = Context(input_pos=pos, kv_len=max(f + width for f in first), logits_index=last,
-                              row_offset=B, start_layer=la, prefix_rows=src,
+                              rows=torch.arange(B, B + len(chunk), device=dev), prefix_rows=src,
                               prefix_lens=torch.tensor(first, dtype=torch.int32, device=dev))
-                toks = net(x, ctx).argmax(-1)
+                toks = net(x, ctx, start_layer=la).argmax(-1)
                 out[[r for r, _ in chunk], [j for _, j in chunk]] = toks
         return out
 

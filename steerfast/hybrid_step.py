@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
-from .model import Context
+from .model import Capture, Context
 
 
 @dataclass
@@ -59,9 +59,9 @@ def fast_step(h, s: StepState) -> None:
     # the base rows up to steer_layer; there the candidates branch off as extra rows
     ctx_b = Context(input_pos=s.pos_b[:, None])
     x = base.decode_layers(base.tok_embeddings(s.tok), ctx_b, 0, la)  # [Bb, d], unsteered
-    ctx_t = Context(input_pos=s.pos_t[:, None], capture_layer=h.sae_layer)
-    logits_t = think(s.tok.to(h.thinking.device)[:, None], ctx_t)[:, 0]
-    ctrl = h.sae.controller(ctx_t.captured[:, 0], h.cat_map, h.threshold, h.cat_coef)
+    cap_t = Capture(h.sae_layer)
+    logits_t = think(s.tok.to(h.thinking.device)[:, None], Context(input_pos=s.pos_t[:, None], edits=(cap_t,)))[:, 0]
+    ctrl = h.sae.controller(cap_t.value[:, 0], h.cat_map, h.threshold, h.cat_coef)
     cat = ctrl.category.to(dev)
 
     # rows c * Bb + b (c >= 1): coefficient c - 1 for sequence b, steered at the same position; row b

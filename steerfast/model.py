@@ -38,22 +38,50 @@ class Steer:
 
 
 @dataclass
+class Add:
+    """A plain, differentiable add to one layer's output: research code training vectors with autograd."""
+    layer: int
+    value: torch.Tensor  # [d] or [B, T, d]
+
+
+@dataclass
+class Capture:
+    """Keep one layer's output: forward sets `value` ([B, T, d])."""
+    layer: int
+    value: torch.Tensor | None = None
+
+
+Edit = Steer | Add | Capture
+
+
+@dataclass
 class Context:
-    """Per-step metadata (nano-vllm style): one object, not arguments threaded through layers."""
+    """Per-step metadata (nano-vllm style): one object, not arguments threaded through layers.
+    Whatever the hybrid and research do to the residual stream is one list of per-layer `edits`:
+    after layer L, its Steer rides in the layer's last residual add (fused), then its Add and
+    Capture entries apply in order."""
     input_pos: torch.Tensor  # [B, T] int32, absolute position of each token; KV written there
     kv_len: int | None = None  # host bound on the keys any row attends; None: the whole cache
     logits_index: torch.Tensor | None = None  # [B] int64, position whose logits to return; None: all
-    steer: Steer | None = None
-    capture_layer: int | None = None  # keep the output of this layer in `captured` ([B, T, d])
-    captured: torch.Tensor | None = None
-    add_after: tuple[int, torch.Tensor] | None = None  # (layer, [d] or [B, T, d]): a plain, differentiable
-    #   add to that layer's output, for research code that trains vectors with autograd
-    row_offset: int = 0  # batch row b uses KV-cache row row_offset + b (the hybrid's scratch rows)
+    edits: tuple[Edit, ...] = ()
+    rows: torch.Tensor | None = None  # [B] int64, KV-cache row of each batch row; None: row b is b.
+    #   Other rows (the hybrid's scratch rows) only with prefix_rows:
     prefix_rows: torch.Tensor | None = None  # [B]: with prefix_lens, row b attends keys below
     prefix_lens: torch.Tensor | None = None  # prefix_lens[b] in cache row prefix_rows[b] (its sequence's)
-    start_layer: int = 0  # > 0: forward's input is the residual stream entering this layer
-    rows: torch.Tensor | None = None  # [B] int64, decode: cache row of each batch row (default row_offset + b)
     seq_lens: torch.Tensor | None = None  # [B] int32, decode: keys each row attends (default input_pos + 1)
+
+    def edits_at(self, layer: int) -> tuple[Steer | None, list[Add | Capture]]:
+        steer = next((e for e in self.edits if isinstance(e, Steer) and e.layer == layer), None)
+        return steer, [e for e in self.edits if e.layer == layer and not isinstance(e, Steer)]
+
+
+def apply_edits(x: torch.Tensor, edits: list[Add | Capture]) -> torch.Tensor:
+    for e in edits:
+        if isinstance(e, Add):
+            x = x + e.value
+        else:
+            e.value = x
+    return x
 
 
 class KVCache(nn.Module):
@@ -120,8 +148,7 @@ class Attention(nn.Module):
         q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        off = ctx.row_offset
-        rows = torch.arange(off, off + B, device=x.device)
+        rows = torch.arange(B, device=x.device) if ctx.rows is None else ctx.rows
         k_cache[rows[:, None], ctx.input_pos] = k
         v_cache[rows[:, None], ctx.input_pos] = v
         if ctx.kv_len is not None:
@@ -131,7 +158,7 @@ class Attention(nn.Module):
             kc = ops.gather_prefix_kv(k_cache, rows, ctx.prefix_rows, ctx.prefix_lens, S)
             vc = ops.gather_prefix_kv(v_cache, rows, ctx.prefix_rows, ctx.prefix_lens, S)
         else:
-            kc, vc = k_cache[off:off + B], v_cache[off:off + B]
+            kc, vc = k_cache[:B], v_cache[:B]
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
             attn_mask=attn_mask, scale=self.scale, enable_gqa=H != Hkv).transpose(1, 2)
@@ -177,8 +204,7 @@ def decode_layer(layer: DecoderLayer, x, ctx: Context, k_cache, v_cache, cos_tab
         y = ops.decode_attention(q, k_cache, v_cache, ctx.seq_lens, a.scale, rows=ctx.rows,
                                  prefix_rows=ctx.prefix_rows, prefix_lens=ctx.prefix_lens)
     else:
-        off = ctx.row_offset
-        y = ops.decode_attention(q, k_cache[off:off + B], v_cache[off:off + B], ctx.seq_lens, a.scale)
+        y = ops.decode_attention(q, k_cache[:B], v_cache[:B], ctx.seq_lens, a.scale)
     h = fused_ops.fused_linear(y.view(B, -1), a.wo.weight, bias=a.wo.bias, residual=x)
     m = layer.mlp
     g = fused_ops.fused_linear(h, m.w13.weight, norm_weight=layer.ffn_norm.weight, eps=layer.ffn_norm.eps,
@@ -212,13 +238,15 @@ class Transformer(nn.Module):
         w = self.tok_embeddings.weight if self.output is None else self.output.weight
         return F.linear(x, w)
 
-    def forward(self, idx: torch.Tensor, ctx: Context, head: str = "logits") -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, ctx: Context, head: str = "logits", start_layer: int = 0) -> torch.Tensor:
         """idx [B, T] at positions ctx.input_pos [B, T] -> logits [B, V] (at ctx.logits_index) or
         [B, T, V]; head="argmax" (T == 1): the greedy token ids [B] instead, without materialising
-        the logits. Writes the new keys/values into the cache. With ctx.start_layer > 0, idx is
-        instead the residual stream [B, T, d] entering that layer (the hybrid's candidate re-runs)."""
+        the logits. Writes the new keys/values into the cache. From start_layer > 0, idx is instead
+        the residual stream [B, T, d] entering that layer (the hybrid's candidate re-runs)."""
         if idx.shape[1] == 1:
-            return self._decode(idx, ctx, head)
+            x = self.tok_embeddings(idx[:, 0]) if start_layer == 0 else idx[:, 0]
+            x = self.decode_layers(x, ctx, start_layer, len(self.layers))
+            return self.decode_head(x, head, ctx.logits_index is not None)
         assert head == "logits", "head='argmax' is for one token per row"
         B, T = idx.shape[:2]
         pos = ctx.input_pos
@@ -227,40 +255,26 @@ class Transformer(nn.Module):
         if T > 1:  # causal over absolute positions; keys past a row's own tokens are never attended
             S = self.kv.max_seq_len if ctx.kv_len is None else ctx.kv_len
             attn_mask = (torch.arange(S, device=idx.device)[None, None, :] <= pos[:, :, None])[:, None]
-        x = self.tok_embeddings(idx) if ctx.start_layer == 0 else idx
-        steer = ctx.steer
-        for i in range(ctx.start_layer, len(self.layers)):
-            x = self.layers[i](x, ctx, self.kv.k[i], self.kv.v[i], cos, sin, attn_mask,
-                      steer if steer is not None and steer.layer == i else None)
-            if ctx.add_after is not None and ctx.add_after[0] == i:
-                x = x + ctx.add_after[1]
-            if ctx.capture_layer == i:
-                ctx.captured = x
+        x = self.tok_embeddings(idx) if start_layer == 0 else idx
+        for i in range(start_layer, len(self.layers)):
+            steer, edits = ctx.edits_at(i)
+            x = apply_edits(self.layers[i](x, ctx, self.kv.k[i], self.kv.v[i], cos, sin, attn_mask, steer), edits)
         if ctx.logits_index is not None:
             x = x[torch.arange(B, device=idx.device), ctx.logits_index]
         return self.lm_head(self.norm(x))
-
-    def _decode(self, idx: torch.Tensor, ctx: Context, head: str) -> torch.Tensor:
-        x = self.tok_embeddings(idx[:, 0]) if ctx.start_layer == 0 else idx[:, 0]
-        x = self.decode_layers(x, ctx, ctx.start_layer, len(self.layers))
-        return self.decode_head(x, head, ctx.logits_index is not None)
 
     def decode_layers(self, x: torch.Tensor, ctx: Context, start: int, end: int) -> torch.Tensor:
         """One token per row, x [B, d]: the residual stream entering layer `start` -> leaving layer
         end - 1, on the fused decode path (the hybrid runs its candidate rows from steer_layer + 1)."""
         B = x.shape[0]
         if ctx.rows is None:  # once a step, not once a layer
-            ctx.rows = torch.arange(ctx.row_offset, ctx.row_offset + B, device=x.device)
+            ctx.rows = torch.arange(B, device=x.device)
         if ctx.seq_lens is None:
             ctx.seq_lens = ctx.input_pos[:, 0] + 1
-        steer = ctx.steer
         for i in range(start, end):
-            x = decode_layer(self.layers[i], x, ctx, self.kv.k[i], self.kv.v[i], self.cos_table, self.sin_table,
-                             steer if steer is not None and steer.layer == i else None)
-            if ctx.add_after is not None and ctx.add_after[0] == i:
-                x = x + ctx.add_after[1].reshape(-1, x.shape[-1])
-            if ctx.capture_layer == i:
-                ctx.captured = x[:, None]
+            steer, edits = ctx.edits_at(i)
+            x = decode_layer(self.layers[i], x, ctx, self.kv.k[i], self.kv.v[i], self.cos_table, self.sin_table, steer)
+            x = apply_edits(x[:, None], edits)[:, 0] if edits else x  # edits see [B, T=1, d], as in prefill
         return x
 
     def decode_head(self, x: torch.Tensor, head: str = "logits", flat: bool = True) -> torch.Tensor:

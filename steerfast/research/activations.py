@@ -21,7 +21,7 @@ import torch
 
 from ..errors import InvalidInputError, LayerIndexError, SequenceTooLongError, TokenOutOfRangeError
 from ..engine import right_pad
-from ..model import Context
+from ..model import Capture, Context
 from .spans import Record
 
 POINTS = ("output", "input")
@@ -75,10 +75,10 @@ def layer_activations(model, ids: Sequence[Sequence[int]], layer: int, point: st
         else:
             model.ensure_cache(B, T)
             # logits at one position only: the [B, T, vocab] logits would cost more than the layers
-            ctx = Context(input_pos=pos, kv_len=T, logits_index=torch.zeros(B, dtype=torch.int64, device=dev),
-                          capture_layer=capture)
-            net(tokens, ctx)
-            acts = ctx.captured
+            cap = Capture(capture)
+            net(tokens, Context(input_pos=pos, kv_len=T, logits_index=torch.zeros(B, dtype=torch.int64, device=dev),
+                                edits=(cap,)))
+            acts = cap.value
         for r, i in enumerate(rows):
             yield i, acts[r, :len(ids[i])]
 

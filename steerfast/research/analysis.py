@@ -17,7 +17,7 @@ import torch
 
 from ..errors import InvalidInputError
 from ..engine import right_pad
-from ..model import Context
+from ..model import Capture, Context
 from .activations import check_ids, check_layer
 
 SCALE = "scale"  # the name of the scaling-up-the-activation baseline in a sweep
@@ -114,17 +114,16 @@ def generate_scaled(model, prompts: Sequence[Sequence[int]], layer: int, magnitu
     start = lens if positions == "generated" else torch.zeros_like(lens)
 
     def step(tok, pos, kv_len, logits_index):
-        ctx = Context(input_pos=pos, kv_len=kv_len, logits_index=torch.zeros(B, dtype=torch.int64, device=dev),
-                      capture_layer=layer)
-        net(tok, ctx)
-        h = ctx.captured
+        cap = Capture(layer)
+        net(tok, Context(input_pos=pos, kv_len=kv_len, logits_index=torch.zeros(B, dtype=torch.int64, device=dev),
+                         edits=(cap,)))
+        h = cap.value
         on = (pos >= start[:, None])[..., None]
         h = h + on * magnitude * h / h.float().norm(dim=-1, keepdim=True).clamp(min=1e-6).to(h.dtype)
         if layer == model.args.n_layers - 1:  # nothing after it: the final norm and head directly
             x = h[torch.arange(B, device=dev), logits_index]
             return net.lm_head(net.norm(x))
-        ctx = Context(input_pos=pos, kv_len=kv_len, logits_index=logits_index, start_layer=layer + 1)
-        return net(h, ctx)
+        return net(h, Context(input_pos=pos, kv_len=kv_len, logits_index=logits_index), start_layer=layer + 1)
 
     nxt = step(tokens, pos, T, lens - 1).argmax(-1)
     out = [nxt]

@@ -10,7 +10,7 @@ Which positions: those whose logits predict target tokens (the last prefix token
 second-to-last target token): the hybrid steers the position whose logits choose the next token.
 The paper's code steers the target tokens' own positions instead (one to the right).
 
-Runs the torch reference path with autograd: `Context.add_after` is a plain add. The shared KV
+Runs the torch reference path with autograd: a `model.Add` edit is a plain add. The shared KV
 cache cannot carry autograd (each layer's write bumps the version of one buffer that earlier
 layers' saved views share), so training forwards run in `Model.autograd_cache`.
 """
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidInputError
-from ..model import Context
+from ..model import Add, Context
 from .activations import check_ids, check_layer
 from .spans import Example
 from .vectors import steering_layer
@@ -50,12 +50,12 @@ def example_loss(model, examples: Sequence[Example], layer: int, vector: torch.T
     predict them; differentiable in `vector`. reduction "sum" (over target tokens) or "mean"."""
     tokens, labels, mask = _batch(model, examples)
     B, T = tokens.shape
-    add = None
+    edits = ()
     if vector is not None:
-        add = (steering_layer(layer, point), mask[..., None].to(model.dtype) * vector.to(model.dtype))
+        edits = (Add(steering_layer(layer, point), mask[..., None].to(model.dtype) * vector.to(model.dtype)),)
     with model.autograd_cache(B, T):
         pos = torch.arange(T, dtype=torch.int32, device=model.device)[None].expand(B, T).contiguous()
-        logits = model.net(tokens, Context(input_pos=pos, kv_len=T, add_after=add))
+        logits = model.net(tokens, Context(input_pos=pos, kv_len=T, edits=edits))
     logits = logits if logits.dtype == torch.float64 else logits.float()  # fp32 loss for half models
     return F.cross_entropy(logits.reshape(B * T, -1), labels.reshape(-1), reduction=reduction)
 
