@@ -40,6 +40,11 @@ def cuda_plan():
     nvcc = find_nvcc()
     if nvcc is None:
         return None, "nvcc not found (looked in $CUDA_HOME/bin, $CUDA_PATH/bin, /usr/local/cuda/bin, PATH)"
+    import importlib.util
+    if importlib.util.find_spec("pybind11") is None:  # seen on a GPU image: a system pip building with
+        # a system Python while pybind11 lives in the venv's; `python -m pip` builds with the venv's
+        return None, (f"pybind11 is not importable by the Python building steerfast ({sys.executable}); with "
+                      "--no-build-isolation install it there, or run `python -m pip` from the environment that has it")
     return nvcc, None
 
 

@@ -3,11 +3,12 @@
   python -m bench check            (about 5 minutes on one H100/H200; writes bench/out/check.json)
 
 Each step runs in its own process under its own time limit, and a failure never stops the rest:
+  extension   steerfast._C imports and was built for this GPU (else every CUDA-kernel test skips)
   gpu-tests   python -m pytest -m gpu (pytest-xdist's -n when it is installed)
   memcheck    compute-sanitizer --tool memcheck over the CUDA-backend op tests (when on PATH)
   decode      bench decode, short: Qwen2.5-1.5B at batch 1 and 16, Llama-3.1-8B at batch 1
-  kernels     bench kernels, short
-  hybrid      bench hybrid, short: windows [-1] and the paper's grid at batch 1 and 16
+  kernels     bench kernels, short: the Qwen2.5-1.5B shapes at batch 1
+  hybrid      bench hybrid, short: windows [-1] at batch 1 and 16, the paper's grid at batch 1
 Then one table: each step passed/failed with the failing test names and the first line of each
 error, and the headline figures (tok/s and % of the floor per preset and batch, hybrid tok/s).
 Without a GPU it says so in one line and exits 0.
@@ -39,28 +40,41 @@ def steps(out_dir: Path) -> list[dict]:
     py = sys.executable
     xdist = _has_module("xdist")
     return [
-        dict(name="gpu-tests", timeout=90, junit=out_dir / "check-gpu-tests.xml",
+        dict(name="extension", timeout=20, cmd=[py, "-c", EXTENSION_CHECK]),
+        dict(name="gpu-tests", timeout=95, junit=out_dir / "check-gpu-tests.xml",
              cmd=[py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
                   *(["-n", str(min(8, os.cpu_count() or 1))] if xdist else []),
                   f"--junitxml={out_dir / 'check-gpu-tests.xml'}"]),
-        dict(name="memcheck", timeout=40, junit=out_dir / "check-memcheck.xml", needs="compute-sanitizer",
+        dict(name="memcheck", timeout=25, junit=out_dir / "check-memcheck.xml", needs="compute-sanitizer",
              cmd=["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "99", py, "-m", "pytest", "-q",
                   "-p", "no:cacheprovider", "-o", "addopts=", "-k", "cuda and not large",
                   f"--junitxml={out_dir / 'check-memcheck.xml'}",
                   "tests/test_ops.py", "tests/test_sae_ops.py"]),
-        dict(name="decode", timeout=50, json=out_dir / "check-decode.json",
+        dict(name="decode", timeout=35, json=out_dir / "check-decode.json",  # 25 s on an H200
              cmd=[py, "-m", "bench", "decode", "--models", "qwen2.5-1.5b", "--batches", "1,16", "--new-tokens", "64",
                   "--no-hf", "--out", str(out_dir / "check-decode.json")]),
-        dict(name="decode-8b", timeout=35, json=out_dir / "check-decode-8b.json",
+        dict(name="decode-8b", timeout=30, json=out_dir / "check-decode-8b.json",  # 21 s
              cmd=[py, "-m", "bench", "decode", "--models", "llama-3.1-8b", "--batches", "1", "--new-tokens", "64",
                   "--no-hf", "--out", str(out_dir / "check-decode-8b.json")]),
-        dict(name="kernels", timeout=30, json=out_dir / "check-kernels.json",
-             cmd=[py, "-m", "bench", "kernels", "--reps", "20", "--steer-reps", "2", "--steer-new-tokens", "16",
+        dict(name="kernels", timeout=35, json=out_dir / "check-kernels.json",
+             cmd=[py, "-m", "bench", "kernels", "--sections", "topk,gemv", "--batches", "1", "--dims", "1536",
+                  "--latents", "16384", "--gemv-models", "qwen2.5-1.5b", "--gemv-batches", "1", "--reps", "20",
                   "--out", str(out_dir / "check-kernels.json")]),
-        dict(name="hybrid", timeout=45, json=out_dir / "check-hybrid.json",
+        dict(name="hybrid", timeout=60, json=out_dir / "check-hybrid.json",  # config a at 1 and 16: ~25 s
              cmd=[py, "-m", "bench", "hybrid", "--sections", "steerfast,floor", "--batches", "1,16",
-                  "--new-tokens", "32", "--out", str(out_dir / "check-hybrid.json")]),
+                  "--configs", "a", "--new-tokens", "32", "--out", str(out_dir / "check-hybrid.json")]),
     ]
+
+
+# on a GPU machine an install without _C is a failure: every CUDA-kernel test would skip, not fail
+EXTENSION_CHECK = """
+import torch, steerfast.backend as b
+C = b.cuda_extension()
+assert C is not None, "steerfast._C was not built: reinstall with `python -m pip install --no-build-isolation --no-deps -e .` and read its output"
+cap = "%d%d" % torch.cuda.get_device_capability()
+assert any(a.startswith("sm_" + cap) for a in C.cuda_archs().split()), f"_C holds {C.cuda_archs()}, not sm_{cap}"
+print("steerfast._C", C.cuda_archs())
+"""
 
 
 def _has_module(name: str) -> bool:
