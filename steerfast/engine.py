@@ -19,6 +19,7 @@ from .errors import (InsufficientMemoryError, InvalidInputError, NonFiniteError,
                      TokenOutOfRangeError)
 from .graphs import GraphRunner
 from .inputs import as_token_lists
+from .progress import bar as progress_bar
 from .model import Capture, Context, LayerwiseKVCache, Steer, Transformer
 from .sampling import sample
 from .steering import Steering
@@ -240,13 +241,16 @@ class Model:
                  seed: int = 0, eos_token_id: int | Sequence[int] | None | str = "default",
                  stop_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
                  steering: Steering | None = None,
-                 callback: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
+                 callback: Callable[[int, list[int]], None] | None = None,
+                 progress: bool | None = None) -> list[list[int]]:
         """Generate up to `max_new_tokens` for each prompt; return each one's new tokens, up to and
         including its first stop token (EOS by default, plus `stop_ids`, per sequence if nested).
 
         temperature 0 is greedy; > 0 samples (with top_k / top_p if given), reproducibly: a
         sequence's samples depend only on `seed`, its index in `prompts` and its positions.
         callback(step, tokens) streams each step's token per sequence (it syncs every step).
+        progress: a bar of steps (default: on a terminal, for 256 new tokens or more; STEERFAST_QUIET
+        silences it). It never syncs: it shows steps enqueued, which the stop checks keep honest.
         """
         prompts = self.check_prompts(prompts, max_new_tokens)
         B, dev, a = len(prompts), self.device, self.args
@@ -303,7 +307,10 @@ class Model:
         if callback is not None:
             callback(0, first.tolist())
         n_out = 1
+        bar = progress_bar(total=max_new_tokens, initial=1, unit="tok", desc=f"generate (batch {B})", leave=False,
+                           progress=progress if progress is not None else (None if max_new_tokens >= 256 else False))
         for step in range(1, max_new_tokens):
+            bar.update()
             n_out = step + 1
             if graph is not None:
                 graph.replay()
@@ -315,6 +322,7 @@ class Model:
                 all_done, finite = torch.stack([s.done[:B].all(), s.finite[:B].all()]).tolist()
                 if all_done or not finite:
                     break
+        bar.close()
         if s.steer is not None and not bool(s.finite[:B].all()):
             rows = (~s.finite[:B]).nonzero()[:, 0].tolist()
             raise NonFiniteError(
