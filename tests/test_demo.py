@@ -143,10 +143,12 @@ def test_demo_small_end_to_end_and_cached(tmp_path, monkeypatch, capsys):
     traced = [json.loads(x)["question"] for x in (out / "research" / "traces.jsonl").read_text().splitlines()]
     assert not set(held) & set(traced)  # the held-out problems choose nothing
 
-    # second run: the cached pair, no training
+    # second run: the cached pair and research outputs, no training, no traces
     def boom(*a, **k):
         raise AssertionError("trained again despite the cache")
+    from steerfast.demo import pipeline
     monkeypatch.setattr(dtrain, "train_pair", boom)
+    monkeypatch.setattr(pipeline, "traces", boom)
     assert cli.run(_args(tmp_path)) == 0
     assert json.loads((out / "summary.json").read_text())["runs"]["base"]["n"] == 12
     with pytest.raises(AssertionError, match="trained again"):

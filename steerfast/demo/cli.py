@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--out", default="steerfast-demo", help="output directory (default ./steerfast-demo)")
     p.add_argument("--n-eval", type=int, default=200, help="held-out problems (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the training, the problems and the pipeline")
     p.add_argument("--fresh", action="store_true", help="retrain the models even when cached")
     p.add_argument("--cache-dir", help="where the trained pair is cached (default $XDG_CACHE_HOME/steerfast/demo)")
     p.add_argument("--device", help="default cuda when available, else cpu")
@@ -62,9 +63,8 @@ def run(args) -> int:
 
     hf_logging.disable_progress_bar()  # its checkpoint-writing bars, whatever --quiet says
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float32
-    recipe = Recipe(**{**(SMALL_RECIPE if args.small else {}), "n_eval": args.n_eval})
-    settings = pipeline.Settings(**(SMALL_SETTINGS if args.small else {}))
+    recipe = Recipe(**{**(SMALL_RECIPE if args.small else {}), "n_eval": args.n_eval, "seed": args.seed})
+    settings = pipeline.Settings(**{**(SMALL_SETTINGS if args.small else {}), "seed": args.seed})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     heldout = task.problems(recipe.n_eval, recipe.heldout_seed)
@@ -86,27 +86,21 @@ def run(args) -> int:
     _log(args, f"models: {pair} ({info['params']:,} parameters each)")
     t_train = time.perf_counter()
 
-    # 2. the research pipeline on training problems (never the held-out ones)
-    models = pipeline.load_pair(pair, device, dtype)
-    (think, ttok), (base, btok) = models["thinking"], models["base"]
+    # 2. the research pipeline on training problems (never the held-out ones), cached beside the pair
     res = out / "research"
     if res.exists():
-        shutil.rmtree(res)  # cheap to redo, and a stale one would refuse new inputs
-    res.mkdir(parents=True)
-    train_probs = task.problems(settings.n_traces, recipe.seed + 7, exclude=exclude)
-    _log(args, f"thinking-model traces on {len(train_probs)} training problems ...")
-    tr = pipeline.traces(think, ttok, train_probs, settings.max_new_tokens)
-    with open(res / "traces.jsonl", "w") as fh:
-        fh.writelines(json.dumps(t) + "\n" for t in tr)
-    t_recs = pipeline.span_records(tr, ttok, lambda q: thinking_ids(ttok, q))
-    b_recs = pipeline.span_records(tr, btok, lambda q: base_ids(btok, q))
-    _log(args, "taxonomy SAE over sentence activations ...")
-    sae, acts, cats, names, purity = pipeline.taxonomy(think, t_recs, settings, res, progress)
-    _log(args, f"taxonomy: {sae.n_latents} categories (FVU elbow), purity against the true kinds {purity:.2f}: "
+        shutil.rmtree(res)  # a stale one would refuse new inputs
+    cached = pair / f"research-{settings.key()}"
+    if not (cached / "taxonomy.json").exists():
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        _research(args, pair, tmp, recipe, settings, exclude, device, progress)
+        shutil.rmtree(cached, ignore_errors=True)
+        os.replace(tmp, cached)
+    shutil.copytree(cached, res)
+    tax = json.loads((res / "taxonomy.json").read_text())
+    names, purity = tax["names"], tax["purity"]
+    _log(args, f"taxonomy: {tax['n_latents']} categories (FVU elbow), purity against the true kinds {purity:.2f}: "
                f"{', '.join(names)}")
-    _log(args, "steering vectors (difference of means; optimised with a bias) ...")
-    pipeline.vectors(base, btok, b_recs, acts, cats, sae, settings, res, progress)
-    del models, think, base
     t_research = time.perf_counter()
 
     # 3. steerfast eval of base, thinking and hybrid on the held-out set
@@ -125,7 +119,7 @@ def run(args) -> int:
             "--thinking-model", str(pair / "thinking"), "--sae", str(res / "sae.safetensors"),
             "--vectors", str(res / "vectors_optimized.safetensors"), "--sae-layer", str(settings.sae_layer),
             "--steer-layer", str(settings.steer_layer), "--max-new-tokens", str(settings.max_new_tokens),
-            "--batch-size", "100", "--base-template", task.BASE_TEMPLATE,
+            "--batch-size", "200", "--base-template", task.BASE_TEMPLATE,
             "--thinking-template", task.THINKING_TEMPLATE, "--device", device, "--dtype", "fp32",
             "--category-names", ",".join(names)]
     if not progress:
@@ -135,10 +129,39 @@ def run(args) -> int:
     timing = dict(train_s=round(t_train - t_start, 1), research_s=round(t_research - t_train, 1),
                   eval_s=round(t_end - t_research, 1), total_s=round(t_end - t_start, 1), cached=info, threads=args.threads,
                   device=device)
-    (out / "demo.json").write_text(json.dumps(dict(timing=timing, purity=purity, categories=names), indent=1))
+    reasoned = {}
+    for run_name in ("base", "thinking", "hybrid"):  # how often each run chose to reason step by step
+        recs = [json.loads(x) for x in (out / run_name / "results.jsonl").read_text().splitlines() if x.strip()]
+        reasoned[run_name] = sum(r["completion"].lstrip().startswith("We add") for r in recs) / max(1, len(recs))
+    (out / "demo.json").write_text(json.dumps(dict(timing=timing, reasoned=reasoned, purity=purity,
+                                                   categories=names, settings=vars(settings)), indent=1))
+    print("answers that reason step by step: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in reasoned.items()))
     print(f"demo: {timing['total_s']:.0f} s (models {timing['train_s']:.0f} s, pipeline {timing['research_s']:.0f} s, "
           f"eval {timing['eval_s']:.0f} s); traces: {out / 'hybrid' / 'traces'}, taxonomy: {res / 'taxonomy_grid.png'}")
     return rc
+
+
+def _research(args, pair, res, recipe, settings, exclude, device, progress):
+    """Traces, spans, activations, taxonomy SAE and vectors into `res`."""
+    import torch
+
+    from . import pipeline, task
+
+    models = pipeline.load_pair(pair, device, torch.float32)
+    (think, ttok), (base, btok) = models["thinking"], models["base"]
+    res.mkdir(parents=True)
+    train_probs = task.problems(settings.n_traces, recipe.seed + 7, exclude=exclude)
+    _log(args, f"thinking-model traces on {len(train_probs)} training problems ...")
+    tr = pipeline.traces(think, ttok, train_probs, settings.max_new_tokens)
+    with open(res / "traces.jsonl", "w") as fh:
+        fh.writelines(json.dumps(t) + "\n" for t in tr)
+    t_recs = pipeline.span_records(tr, ttok, lambda q: thinking_ids(ttok, q))
+    b_recs = pipeline.span_records(tr, btok, lambda q: base_ids(btok, q))
+    _log(args, "taxonomy SAE over sentence activations ...")
+    sae, acts, cats, names, purity = pipeline.taxonomy(think, t_recs, settings, res, progress)
+    _log(args, "steering vectors (difference of means; optimised with a bias) ...")
+    pipeline.vectors(base, btok, b_recs, acts, cats, sae, settings, res, progress)
+    shutil.rmtree(res / "activations", ignore_errors=True)  # large and rebuilt in seconds
 
 
 def base_ids(tok, q):

@@ -25,8 +25,8 @@ class Recipe:
     heads: int = 4
     ffn: int = 256
     vocab: int = 400
-    base_steps: int = 700
-    base_step_share: float = 0.2  # share of step-by-step answers in the base model's mix
+    base_steps: int = 550
+    base_step_share: float = 0.3  # share of step-by-step answers in the base model's mix
     think_steps: int = 250
     batch: int = 32
     lr: float = 3e-3
