@@ -47,6 +47,17 @@ def _log(args, msg):
 
 
 def run(args) -> int:
+    quiet_before = os.environ.get("STEERFAST_QUIET")
+    try:
+        return _run(args)
+    finally:  # --quiet silences steerfast's bars for this run only
+        if quiet_before is None:
+            os.environ.pop("STEERFAST_QUIET", None)
+        else:
+            os.environ["STEERFAST_QUIET"] = quiet_before
+
+
+def _run(args) -> int:
     import torch
 
     from . import pipeline, task
@@ -75,7 +86,8 @@ def run(args) -> int:
     pair = pair / recipe.key()
     if args.fresh and pair.exists():
         shutil.rmtree(pair)
-    if not (pair / "train.json").exists():
+    trained_now = not (pair / "train.json").exists()
+    if trained_now:
         _log(args, f"training the base and thinking models (cached in {pair}) ...")
         tmp = pair.with_name(pair.name + f".tmp{os.getpid()}")
         info = train_pair(recipe, tmp, progress=progress, device=device, exclude=exclude)
@@ -125,15 +137,17 @@ def run(args) -> int:
     if not progress:
         argv.append("--no-progress")
     rc = eval_cli.run(p.parse_args(argv))
+    if rc != 0:
+        return rc
     t_end = time.perf_counter()
     timing = dict(train_s=round(t_train - t_start, 1), research_s=round(t_research - t_train, 1),
-                  eval_s=round(t_end - t_research, 1), total_s=round(t_end - t_start, 1), cached=info, threads=args.threads,
-                  device=device)
+                  eval_s=round(t_end - t_research, 1), total_s=round(t_end - t_start, 1), models_cached=not trained_now,
+                  threads=args.threads, device=device)
     reasoned = {}
     for run_name in ("base", "thinking", "hybrid"):  # how often each run chose to reason step by step
         recs = [json.loads(x) for x in (out / run_name / "results.jsonl").read_text().splitlines() if x.strip()]
         reasoned[run_name] = sum(r["completion"].lstrip().startswith("We add") for r in recs) / max(1, len(recs))
-    (out / "demo.json").write_text(json.dumps(dict(timing=timing, reasoned=reasoned, purity=purity,
+    (out / "demo.json").write_text(json.dumps(dict(timing=timing, training=info, reasoned=reasoned, purity=purity,
                                                    categories=names, settings=vars(settings)), indent=1))
     print("answers that reason step by step: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in reasoned.items()))
     print(f"demo: {timing['total_s']:.0f} s (models {timing['train_s']:.0f} s, pipeline {timing['research_s']:.0f} s, "
