@@ -154,3 +154,25 @@ def test_demo_small_end_to_end_and_cached(tmp_path, monkeypatch, capsys):
     with pytest.raises(AssertionError, match="trained again"):
         cli.run(_args(tmp_path, fresh=True))
 
+
+
+def test_span_records_label_every_sentence_under_both_prompts(pair):
+    """The research records of a trace: one span per sentence, its text that sentence, its label
+    the sentence's kind, the same spans whether the prompt is the base or the thinking model's."""
+    from transformers import AutoTokenizer
+
+    from steerfast.demo import cli, pipeline
+
+    out, _ = pair
+    tok = AutoTokenizer.from_pretrained(str(out / "thinking"), local_files_only=True)
+    rng = _rng()
+    probs = [task.Problem(*task.draw(rng)) for _ in range(8)]
+    tr = [dict(question=p.question, answer=p.answer, text=task.text(task.steps(p))) for p in probs]
+    t_recs = pipeline.span_records(tr, tok, lambda q: cli.thinking_ids(tok, q))
+    b_recs = pipeline.span_records(tr, tok, lambda q: cli.base_ids(tok, q))
+    for p, tr_, br in zip(probs, t_recs, b_recs):
+        sents = task.steps(p)
+        assert [s.label for s in tr_.spans] == [s.label for s in br.spans] == [k for _, k in sents]
+        for rec, prompt in ((tr_, cli.thinking_ids(tok, p.question)), (br, cli.base_ids(tok, p.question))):
+            assert rec.ids[:len(prompt)] == prompt and rec.spans[0].start == len(prompt)
+            assert [tok.decode(rec.ids[s.start:s.end]).strip() for s in rec.spans] == [s for s, _ in sents]
