@@ -21,7 +21,7 @@ Sections (--sections, default all):
   steerfast  sf.Hybrid.generate: one short warm-up call (--warmup-tokens, long enough to steer once),
              then one timed call of --new-tokens. tokens/s = batch * steps / wall time (prefill
              included, device synchronised before and after); ms/token = wall time / steps.
-  naive      naive_hybrid() below, the hybrid as researchers write it with transformers: both models
+  naive      steerfast.hybrid.reference.naive_hybrid, the hybrid as researchers write it with transformers: both models
              decode with past_key_values; each steered row re-runs the base model over its full
              sequence once per candidate, with a forward hook adding the vector on layer steer_layer
              (no candidate batching, no cache). Same semantics as the paper's loop. --naive-new-tokens
@@ -29,7 +29,7 @@ Sections (--sections, default all):
              configuration (recorded as truncated; its per-token figures are over the steps it ran).
              Per-step times are recorded; at the synthetic gate the comparison takes the naive
              hybrid's time per token at steerfast's steered share from them.
-  paper      steerfast.hybrid_reference.paper_hybrid (the paper's loop: no KV cache, every forward from
+  paper      steerfast.hybrid.reference.paper_hybrid (the paper's loop: no KV cache, every forward from
              scratch), one problem, --paper-new-tokens. t_unsteered: a run that never steers (gate
              "controller" with threshold +inf: T, SAE and B each step, as an unsteered step of the
              paper's loop); t_steered: a run with the thinking gate and the configuration's grid,
@@ -56,6 +56,7 @@ import time
 
 import torch
 
+from steerfast.hybrid.reference import naive_hybrid
 from steerfast.presets import SHAPES, random_hf_model
 
 from . import common
@@ -86,7 +87,7 @@ NOTES = dict(
     ms_per_token="mean per-token latency: wall time / steps (prefill included)",
     steered_share="share of generated tokens that were steered (HybridResult.steered_share for steerfast)",
     steerfast="sf.Hybrid(...).generate after one warm-up call of warmup_tokens on the same prompts",
-    naive="naive_hybrid in bench/hybrid.py: transformers models with past_key_values for the unsteered "
+    naive="steerfast.hybrid.reference.naive_hybrid: transformers models with past_key_values for the unsteered "
           "forwards; each steered row re-runs the base model over its full sequence once per candidate "
           "with a forward hook on layer steer_layer (no cache, no candidate batching); greedy; same "
           "semantics as the paper's loop. Fewer new tokens than steerfast (a shorter mean context: in "
@@ -96,7 +97,7 @@ NOTES = dict(
              "(every row steers on the same steps) the naive tokens/s is taken at steerfast's steered share "
              "s: batch / ((1 - s) t_unsteered_step + s t_steered_step) from its per-step times "
              "(summary naive_basis says which), so a truncated or shorter naive run compares on the same mix",
-    paper="steerfast.hybrid_reference.paper_hybrid on the first batch-1 prompt pair: t_unsteered from a run "
+    paper="steerfast.hybrid.reference.paper_hybrid on the first batch-1 prompt pair: t_unsteered from a run "
           "that never steers (gate='controller', threshold=+inf), t_steered from a thinking-gate run with "
           "the configuration's grid, less its unsteered steps. Its context (prompt + paper_new_tokens) is "
           "shorter than steerfast's, which flatters the paper's loop (its cost grows with the context)",
@@ -142,130 +143,6 @@ def add_arguments(p) -> None:
     p.add_argument("--cpu-threads", type=int, default=1, help="torch.set_num_threads on CPU (default 1)")
     p.add_argument("--out", default=str(common.REPO_ROOT / "bench" / "out" / "hybrid.json"),
                    help="JSON output path (default bench/out/hybrid.json)")
-
-
-# ---------------------------------------------------------------- the naive transformers hybrid
-def _hook_layer_output(layer, fn):
-    """Register fn(h) -> h' on a decoder layer's output (a tensor, or a tuple whose first item is)."""
-    def hook(module, args, output):
-        h = output[0] if isinstance(output, tuple) else output
-        h2 = fn(h)
-        if h2 is None:
-            return None
-        return (h2, *output[1:]) if isinstance(output, tuple) else h2
-    return layer.register_forward_hook(hook)
-
-
-def _tick(step: int, rate: float) -> bool:
-    """sf.Hybrid's synthetic gate: step `step` steers when floor(step * rate) ticks over."""
-    return int((step + 1) * rate) > int(step * rate)
-
-
-@torch.no_grad()
-def _cache_kwarg(model) -> str:  # transformers renamed past_key_values to cache (5.2x); 5.17 has the old
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _cache_of(out):
-    return out.cache if hasattr(out, "cache") else out.past_key_values
-
-
-def naive_hybrid(base, thinking, sae, vectors, bias, sae_layer: int, steer_layer: int, coefs, windows,
-                 base_prompts, thinking_prompts, max_new_tokens: int, gate="thinking",
-                 threshold: float = float("-inf"), budget_s: float = 0.0) -> dict:
-    """The hybrid loop with transformers, written plainly: a batch of problems (prompts of equal
-    length per model), greedy, no EOS. Unsteered forwards use past_key_values; each steered row
-    re-runs the base model over its whole sequence once per (coef, window) candidate with a forward
-    hook adding coef * (bias + vectors[category]) to layer steer_layer's output at the window's
-    positions. gate: "thinking" or a float rate (the synthetic gate). Stops after budget_s seconds
-    (0: never). Returns tokens, steered flags, steps, wall time, and per step its wall time (the
-    prefill in step 0's) and whether any row steered."""
-    dev_b, dev_t = base.device, thinking.device
-    B = len(base_prompts)
-    grid = [(c, w) for c in coefs for w in windows]
-    W_enc, b_enc, b_dec = (t.to(dev_t, torch.float64) for t in (sae.W_enc, sae.b_enc, sae.b_dec))
-    mean = None if sae.mean is None else sae.mean.to(dev_t, torch.float64)
-    directions = (bias.to(dev_b, torch.float64)[None] + vectors.to(dev_b, torch.float64))  # [C, d]
-
-    captured = {}
-
-    def keep(h):
-        captured["a"] = h[:, -1]
-
-    handle = _hook_layer_output(thinking.model.layers[sae_layer], keep)
-    tokens, steered = [[] for _ in range(B)], [[] for _ in range(B)]
-    step_s, step_steered = [], []
-    common.sync(dev_b)
-    t0 = t_prev = time.perf_counter()
-    seq = torch.tensor(base_prompts, device=dev_b)  # [B, L]: the base sequences so far
-    try:
-        out_b = base(seq, use_cache=True)
-        out_t = thinking(torch.tensor(thinking_prompts, device=dev_t), use_cache=True)
-        pkv_b, pkv_t = _cache_of(out_b), _cache_of(out_t)
-        lb, lt = out_b.logits[:, -1], out_t.logits[:, -1]
-        steps = 0
-        for step in range(max_new_tokens):
-            # controller: the SAE's argmax latent on the thinking model's residual
-            x = captured["a"].double()
-            if mean is not None:
-                x = x - mean
-            if sae.normalize:
-                x = x / x.norm(dim=-1, keepdim=True)
-            z = (x - b_dec) @ W_enc + b_enc
-            zmax, category = z.max(-1)
-            category = torch.where(zmax < threshold, -1, category).tolist()
-            y0 = lb.argmax(-1)
-            if gate == "thinking":
-                steer = (lt.argmax(-1).to(dev_b) != y0).tolist()
-            else:
-                steer = [_tick(step, gate)] * B
-            tok = y0.tolist()
-            logp = torch.log_softmax(lt.double(), -1)
-            for b in range(B):
-                do = steer[b] and category[b] >= 0
-                if do:
-                    L, best = seq.shape[1], None
-                    for c, w in grid:
-                        vec = c * directions[category[b]]
-                        first = 0 if w == 0 else max(0, L - abs(w))
-
-                        def add(h, vec=vec, first=first):
-                            mask = (torch.arange(h.shape[1], device=h.device) >= first)[None, :, None]
-                            return h + vec.to(h.dtype) * mask.to(h.dtype)
-
-                        hk = _hook_layer_output(base.model.layers[steer_layer], add)
-                        try:
-                            y = int(base(seq[b:b + 1], use_cache=False).logits[0, -1].argmax())
-                        finally:
-                            hk.remove()
-                        score = float(logp[b, y])
-                        if best is None or score > best[0]:  # the first of equal candidates wins
-                            best = (score, y)
-                    tok[b] = best[1]
-                tokens[b].append(tok[b])
-                steered[b].append(bool(do))
-            steps += 1
-            last = step == max_new_tokens - 1 or bool(budget_s and time.perf_counter() - t0 > budget_s)
-            if not last:
-                nxt = torch.tensor(tok, device=dev_b)[:, None]
-                seq = torch.cat([seq, nxt], 1)
-                out_b = base(nxt, **{_cache_kwarg(base): pkv_b}, use_cache=True)
-                out_t = thinking(nxt.to(dev_t), **{_cache_kwarg(thinking): pkv_t}, use_cache=True)
-                pkv_b, pkv_t = _cache_of(out_b), _cache_of(out_t)
-                lb, lt = out_b.logits[:, -1], out_t.logits[:, -1]
-            common.sync(dev_b)
-            now = time.perf_counter()
-            step_s.append(now - t_prev)
-            step_steered.append(any(steered[b][-1] for b in range(B)))
-            t_prev = now
-            if last:
-                break
-    finally:
-        handle.remove()
-    return dict(tokens=tokens, steered=steered, steps=steps, wall_s=t_prev - t0, step_s=step_s,
-                step_steered=step_steered, truncated=steps < max_new_tokens)
 
 
 # ---------------------------------------------------------------- settings, models, inputs
@@ -356,7 +233,7 @@ def bench_naive(hf_b, hf_t, ctl, s, cfg, bp, tp, gate, device) -> dict:
 
 
 def bench_paper(hf_b, hf_t, ctl, s, cfg, bp, tp, unsteered: dict | None) -> dict:
-    from steerfast.hybrid_reference import paper_hybrid
+    from steerfast.hybrid.reference import paper_hybrid
 
     sae, vectors, bias = ctl
     n = s["paper_new_tokens"]
@@ -442,6 +319,107 @@ def summarize(doc: dict, s: dict, cuda: bool) -> tuple[list[dict], list[dict]]:
     return rows, targets
 
 
+# ---------------------------------------------------------------- sections (one function each)
+@dataclasses.dataclass
+class _Sections:
+    """What every section reads and where it records."""
+    doc: dict
+    s: dict
+    device: torch.device
+    prompts: dict  # batch -> (base prompts, thinking prompts)
+    gates: list
+    ctl: tuple  # (sae, vectors, bias)
+    record: object  # record(rec, label): append a result, print it, save the JSON
+    save: object
+
+
+def section_steerfast(run: _Sections, base, think) -> None:
+    """sf.Hybrid per configuration x batch x gate, each from fresh caches and graphs."""
+    import steerfast as sf
+
+    s = run.s
+    print("\n[steerfast: sf.Hybrid]", flush=True)
+    for cfg_name, cfg in s["configs"].items():
+        for B in s["batches"]:
+            for gate in run.gates:
+                key = dict(impl="steerfast", config=cfg_name, batch=B, gate=gate_name(gate),
+                           grid_size=len(cfg["coefs"]) * len(cfg["windows"]), new_tokens=s["new_tokens"])
+                h = None
+                try:
+                    sae, vectors, bias = run.ctl
+                    h = sf.Hybrid(base, think, sae, vectors, bias, sae_layer=s["sae_layer"],
+                                  steer_layer=s["steer_layer"], coefs=cfg["coefs"], windows=cfg["windows"], gate=gate)
+                    rec = dict(key, **bench_steerfast(h, *run.prompts[B], s["new_tokens"], s["warmup_tokens"],
+                                                      run.device))
+                except Exception as e:  # noqa: BLE001 -- an unattended run records the failure and goes on
+                    rec = dict(key, **common.error_record(e))
+                finally:  # each case starts from fresh caches and graphs: an earlier one cannot break it
+                    h = None
+                    for m in (base, think):
+                        m.release()
+                    common.free_memory(run.device)
+                run.record(rec, f"config {cfg_name} batch {B} gate {gate_name(gate)}")
+
+
+def section_floor(run: _Sections, base, think, bw: dict) -> None:
+    for B in run.s["batches"]:
+        try:
+            run.doc["floor"].append(bench_floor(base, think, run.s, B, bw))
+        except Exception as e:  # noqa: BLE001
+            run.doc["floor"].append(dict(batch=B, **common.error_record(e)))
+    run.save()
+
+
+def section_naive(run: _Sections, hf_b, hf_t) -> None:
+    """steerfast.hybrid.reference.naive_hybrid per configuration x batch x gate."""
+    s = run.s
+    print("\n[naive: transformers hybrid, KV cache, one full re-run per candidate]", flush=True)
+    try:  # warm-up: CUDA context, cuBLAS, HF's first-call work
+        naive_hybrid(hf_b, hf_t, *run.ctl, s["sae_layer"], s["steer_layer"], [1.0], [-1],
+                     run.prompts[s["batches"][0]][0][:1], run.prompts[s["batches"][0]][1][:1], 2)
+    except Exception as e:  # noqa: BLE001 -- the timed runs will record the error
+        print(f"  warm-up failed: {type(e).__name__}: {e}")
+    for cfg_name, cfg in s["configs"].items():
+        for B in s["batches"]:
+            for gate in run.gates:
+                key = dict(impl="naive", config=cfg_name, batch=B, gate=gate_name(gate),
+                           grid_size=len(cfg["coefs"]) * len(cfg["windows"]))
+                try:
+                    rec = dict(key, **bench_naive(hf_b, hf_t, run.ctl, s, cfg, *run.prompts[B], gate, run.device))
+                except Exception as e:  # noqa: BLE001
+                    rec = dict(key, **common.error_record(e))
+                common.free_memory(run.device)
+                run.record(rec, f"config {cfg_name} batch {B} gate {gate_name(gate)}")
+
+
+def section_paper(run: _Sections, hf_b, hf_t) -> None:
+    """The paper's loop, one problem, per configuration (its unsteered time measured once)."""
+    from steerfast.hybrid.reference import paper_hybrid
+
+    s = run.s
+    print("\n[paper: steerfast.hybrid.reference.paper_hybrid, no KV cache, batch 1]", flush=True)
+    bp, tp = run.prompts[s["batches"][0]][0][0], run.prompts[s["batches"][0]][1][0]
+    unsteered = None
+    try:
+        paper_hybrid(hf_b, hf_t, *run.ctl, s["sae_layer"], s["steer_layer"], [1.0], [-1], bp, tp, 1)  # warm-up
+    except Exception as e:  # noqa: BLE001
+        print(f"  warm-up failed: {type(e).__name__}: {e}")
+    for cfg_name, cfg in s["configs"].items():
+        try:
+            p = dict(config=cfg_name, **bench_paper(hf_b, hf_t, run.ctl, s, cfg, bp, tp, unsteered))
+            unsteered = p["unsteered"]
+            print(f"  config {cfg_name}: unsteered {1e3 * p['t_unsteered_s']:.1f} ms/token, steered "
+                  f"{common.fmt(None if p['t_steered_s'] is None else 1e3 * p['t_steered_s'])} ms/token "
+                  f"({p['grid_size']} candidates, share {p['steered_run']['steered_share']:.2f} in its run)",
+                  flush=True)
+        except Exception as e:  # noqa: BLE001
+            p = dict(config=cfg_name, **common.error_record(e))
+            print(f"  config {cfg_name}: ERROR {p['error']}", flush=True)
+        run.doc["paper"].append(p)
+        common.free_memory(run.device)
+        run.save()
+
+
 def run(args) -> int:
     import transformers
 
@@ -492,7 +470,6 @@ def run(args) -> int:
     V = base.args.vocab_size
     prompts = {B: (make_prompts(B, Pb, V, 1000 * s["seed"] + B), make_prompts(B, Pt, V, 1000 * s["seed"] + B + 500))
                for B in s["batches"]}
-    gates = ["thinking", s["rate"]]
 
     def record(rec: dict, label: str, fmt_keys=("tokens_per_s", "ms_per_token", "steered_share")):
         doc["results"].append(rec)
@@ -503,85 +480,17 @@ def run(args) -> int:
                   + (" (truncated)" if rec.get("truncated") else ""), flush=True)
         save()
 
-    # ---- steerfast
+    run = _Sections(doc, s, device, prompts, ["thinking", s["rate"]], ctl, record, save)
     if "steerfast" in s["sections"]:
-        print("\n[steerfast: sf.Hybrid]", flush=True)
-        for cfg_name, cfg in s["configs"].items():
-            for B in s["batches"]:
-                for gate in gates:
-                    key = dict(impl="steerfast", config=cfg_name, batch=B, gate=gate_name(gate),
-                               grid_size=len(cfg["coefs"]) * len(cfg["windows"]), new_tokens=s["new_tokens"])
-                    h = None
-                    try:
-                        sae, vectors, bias = ctl
-                        h = sf.Hybrid(base, think, sae, vectors, bias, sae_layer=s["sae_layer"],
-                                      steer_layer=s["steer_layer"], coefs=cfg["coefs"], windows=cfg["windows"],
-                                      gate=gate)
-                        rec = dict(key, **bench_steerfast(h, *prompts[B], s["new_tokens"], s["warmup_tokens"], device))
-                    except Exception as e:  # noqa: BLE001 -- an unattended run records the failure and goes on
-                        rec = dict(key, **common.error_record(e))
-                    finally:  # each case starts from fresh caches and graphs: an earlier one cannot break it
-                        h = None
-                        for m in (base, think):
-                            m.release()
-                        common.free_memory(device)
-                    record(rec, f"config {cfg_name} batch {B} gate {gate_name(gate)}")
-
-    # ---- floor
+        section_steerfast(run, base, think)
     if "floor" in s["sections"]:
-        for B in s["batches"]:
-            try:
-                doc["floor"].append(bench_floor(base, think, s, B, bw))
-            except Exception as e:  # noqa: BLE001
-                doc["floor"].append(dict(batch=B, **common.error_record(e)))
-        save()
+        section_floor(run, base, think, bw)
     del base, think
     common.free_memory(device)
-
-    # ---- naive transformers hybrid
     if "naive" in s["sections"]:
-        print("\n[naive: transformers hybrid, KV cache, one full re-run per candidate]", flush=True)
-        try:  # warm-up: CUDA context, cuBLAS, HF's first-call work
-            naive_hybrid(hf_b, hf_t, *ctl, s["sae_layer"], s["steer_layer"], [1.0], [-1],
-                         prompts[s["batches"][0]][0][:1], prompts[s["batches"][0]][1][:1], 2)
-        except Exception as e:  # noqa: BLE001 -- the timed runs will record the error
-            print(f"  warm-up failed: {type(e).__name__}: {e}")
-        for cfg_name, cfg in s["configs"].items():
-            for B in s["batches"]:
-                for gate in gates:
-                    key = dict(impl="naive", config=cfg_name, batch=B, gate=gate_name(gate),
-                               grid_size=len(cfg["coefs"]) * len(cfg["windows"]))
-                    try:
-                        rec = dict(key, **bench_naive(hf_b, hf_t, ctl, s, cfg, *prompts[B], gate, device))
-                    except Exception as e:  # noqa: BLE001
-                        rec = dict(key, **common.error_record(e))
-                    common.free_memory(device)
-                    record(rec, f"config {cfg_name} batch {B} gate {gate_name(gate)}")
-
-    # ---- the paper's loop
+        section_naive(run, hf_b, hf_t)
     if "paper" in s["sections"]:
-        print("\n[paper: steerfast.hybrid_reference.paper_hybrid, no KV cache, batch 1]", flush=True)
-        bp, tp = prompts[s["batches"][0]][0][0], prompts[s["batches"][0]][1][0]
-        unsteered = None
-        try:
-            from steerfast.hybrid_reference import paper_hybrid
-            paper_hybrid(hf_b, hf_t, *ctl, s["sae_layer"], s["steer_layer"], [1.0], [-1], bp, tp, 1)  # warm-up
-        except Exception as e:  # noqa: BLE001
-            print(f"  warm-up failed: {type(e).__name__}: {e}")
-        for cfg_name, cfg in s["configs"].items():
-            try:
-                p = dict(config=cfg_name, **bench_paper(hf_b, hf_t, ctl, s, cfg, bp, tp, unsteered))
-                unsteered = p["unsteered"]
-                print(f"  config {cfg_name}: unsteered {1e3 * p['t_unsteered_s']:.1f} ms/token, steered "
-                      f"{common.fmt(None if p['t_steered_s'] is None else 1e3 * p['t_steered_s'])} ms/token "
-                      f"({p['grid_size']} candidates, share {p['steered_run']['steered_share']:.2f} in its run)",
-                      flush=True)
-            except Exception as e:  # noqa: BLE001
-                p = dict(config=cfg_name, **common.error_record(e))
-                print(f"  config {cfg_name}: ERROR {p['error']}", flush=True)
-            doc["paper"].append(p)
-            common.free_memory(device)
-            save()
+        section_paper(run, hf_b, hf_t)
     del hf_b, hf_t
     common.free_memory(device)
 

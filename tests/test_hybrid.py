@@ -1,4 +1,4 @@
-"""sf.Hybrid against the paper's loop (steerfast.hybrid_reference): token for token, flag for flag."""
+"""sf.Hybrid against the paper's loop (steerfast.hybrid.reference): token for token, flag for flag."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 import steerfast as sf
 from steerfast import errors
-from steerfast.hybrid_reference import paper_hybrid
+from steerfast.hybrid.reference import paper_hybrid
 from tiny_models import random_prompts, tiny_hf
 
 VOCAB = 11  # small, so random base and thinking models agree often enough to give unsteered tokens

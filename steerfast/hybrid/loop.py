@@ -1,6 +1,6 @@
 """`Hybrid`: a base model generates while a thinking model, read through a Top-K SAE, decides
 which reasoning behaviour to steer toward (Venhoff et al., 2025). Semantics: docs/architecture.md,
-"The hybrid loop"; steerfast.hybrid_reference is the paper's loop it must equal token for token.
+"The hybrid loop"; steerfast.hybrid.reference is the paper's loop it must equal token for token.
 
 How it stays cheap:
 - the base model's KV cache only ever holds unsteered keys/values: a position is steered only
@@ -11,84 +11,28 @@ How it stays cheap:
   before the window straight from its sequence's row (Context.prefix_rows): nothing is copied;
 - all candidates of a window size run as one batch (extra rows), whatever their coefficient;
 - windows = [-1] with one vocabulary (the common case) runs each whole step on the device
-  (steerfast.hybrid_step): candidates are extra rows of the same step, the choice is an argmax,
+  (step.py): candidates are extra rows of the same step, the choice is an argmax,
   no host sync, one CUDA graph per batch bucket on the GPU. Other windows use the host loop here,
   with one device->host transfer per step and eager candidate re-runs on steered steps.
 """
 from __future__ import annotations
 
-from collections import Counter
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
-from . import ops
-from .engine import Model, bucket_for
-from .errors import InvalidInputError, LayerIndexError, NonFiniteError, ShapeMismatchError
-from .graphs import GraphRunner
-from .model import Capture, Context
-from .hybrid_step import fast_step, new_state
-from .sae import TopKSAE
+from .. import ops
+from ..engine import Model, bucket_for
+from ..errors import InvalidInputError, LayerIndexError, NonFiniteError, ShapeMismatchError
+from ..graphs import GraphRunner
+from ..model import Capture, Context
+from ..sae import TopKSAE
+from .result import HybridResult
+from .step import StepSettings, fast_step, new_state
 
 GATES = ("thinking", "controller")
-
-
-@dataclass
-class HybridResult:
-    """Per problem, one entry per generated token."""
-    tokens: list[list[int]]
-    steered: list[list[bool]]
-    category: list[list[int]]  # the controller's category at that step (-1: none)
-    coef: list[list[float | None]]  # the chosen candidate's coefficient; None when not steered
-    window: list[list[int | None]]
-    elapsed_s: float = 0.0
-    extras: dict = field(default_factory=dict)
-
-    @property
-    def steered_share(self) -> float:
-        n = sum(len(s) for s in self.steered)
-        return sum(sum(s) for s in self.steered) / n if n else 0.0
-
-    @property
-    def steered_share_per_sequence(self) -> list[float]:
-        return [sum(s) / len(s) if s else 0.0 for s in self.steered]
-
-    @property
-    def category_counts(self) -> dict[int, int]:
-        """How many steered tokens each category produced."""
-        return dict(Counter(c for cs, ss in zip(self.category, self.steered) for c, s in zip(cs, ss) if s))
-
-    def trace(self, i: int, decode=None, names: Sequence[str] | None = None) -> str:
-        """Problem i's text with steered spans marked by category, as in the paper's Figure 3:
-        `[category:text]`. decode(ids) -> str turns tokens into text (default: the ids)."""
-        decode = decode or (lambda ids: " ".join(map(str, ids)) + " ")
-        out, span, span_cat = [], [], None
-        for tok, s, c in zip(self.tokens[i], self.steered[i], self.category[i]):
-            cat = c if s else None
-            if cat != span_cat and span:
-                out.append(_mark(decode(span), span_cat, names))
-                span = []
-            span_cat = cat
-            span.append(tok)
-        if span:
-            out.append(_mark(decode(span), span_cat, names))
-        return "".join(out)
-
-    def to_html(self, i: int, path=None, decode=None, names: Sequence[str] | None = None):
-        """Problem i as a self-contained HTML page (the paper's Figure 3: steered spans by category,
-        coefficient and window on hover, a legend): the page's text, or written to path (returned)."""
-        from .trace_html import render_trace_html, write_trace_html
-
-        if path is None:
-            return render_trace_html(self, i, decode, names)
-        return write_trace_html(self, i, path, decode, names)
-
-
-def _mark(text, cat, names):
-    if cat is None:
-        return text
-    return f"[{names[cat] if names else cat}:{text}]"
 
 
 class Hybrid:
@@ -155,7 +99,9 @@ class Hybrid:
         self.sae_layer, self.steer_layer, self.coefs, self.windows = sae_layer, steer_layer, coefs, windows
         self.gate, self.threshold, self.tokenizers = gate, float(threshold), tokenizers
         self.scratch_rows = scratch_rows
-        self.fast = fast  # windows == [-1] with one vocabulary: whole steps on the device (hybrid_step)
+        self.fast = fast  # windows == [-1] with one vocabulary: whole steps on the device (step.py)
+        self.settings = StepSettings(base.net, thinking.net, thinking.device, self.sae, self.cat_map, self.threshold,
+                                     self.cat_coef, self.vectors, self.bias, sae_layer, steer_layer, gate)
         # the fast step's graphs read both models' caches: captured by this hybrid's own runner (and
         # pool), released when either cache is replaced
         self.graphs = GraphRunner(base.device, base.graphs._backend)
@@ -210,7 +156,7 @@ class Hybrid:
                 out[[r for r, _ in chunk], [j for _, j in chunk]] = toks
         return out
 
-    # ------------------------------------------------------------------ fast path
+    # ------------------------------------------------------------------ the device-side fast path
     def _fast_runner(self, Bb: int, n_eos: int, coefs: list[float]):
         """Fixed buffers and (on the GPU path) the captured fast step for this bucket."""
         key = (Bb, n_eos, tuple(coefs))
@@ -221,23 +167,23 @@ class Hybrid:
 
             def reset():
                 s.pos_b.zero_(), s.pos_t.zero_(), s.step.zero_()
-            self.graphs.capture(key, lambda: fast_step(self, s), s, reset=reset)
+            self.graphs.capture(key, lambda: fast_step(self.settings, s), s, reset=reset)
         graph, s = self.graphs.get(key)
         return s, graph
 
-    def _run_fast(self, s, graph, res, toks, done, Lb, Lt, start, max_new_tokens, eos, grid, callback,
-                  check_every=16):
-        """Generate tokens start .. max_new_tokens-1 with the device-side step; append them to res."""
-        B, dev = len(toks), s.tok.device
+    def _run_fast(self, run: "_Run", res: HybridResult, toks: list[int], start: int, callback, check_every=16):
+        """Generate tokens start .. max_new_tokens-1 with the device-side step; record them in res."""
+        s, graph, B, done = run.state, run.graph, run.B, run.done
+        dev = s.tok.device
         s.tok.zero_()[:B] = torch.tensor(toks, device=dev)
-        s.pos_b.zero_()[:B] = torch.tensor(Lb, dtype=torch.int32, device=dev)
-        s.pos_t.zero_()[:B] = torch.tensor(Lt, dtype=torch.int32, device=dev)
+        s.pos_b.zero_()[:B] = torch.tensor(run.Lb, dtype=torch.int32, device=dev)
+        s.pos_t.zero_()[:B] = torch.tensor(run.Lt, dtype=torch.int32, device=dev)
         s.done.fill_(True)[:B] = torch.tensor(done, device=dev)
         s.step.fill_(start)
-        s.eos.fill_(-1)[:len(eos)] = torch.tensor(sorted(eos), dtype=torch.int64, device=dev)
+        s.eos.fill_(-1)[:len(run.eos)] = torch.tensor(sorted(run.eos), dtype=torch.int64, device=dev)
         end = start
-        for i in range(start, max_new_tokens):
-            graph.replay() if graph is not None else fast_step(self, s)
+        for i in range(start, run.max_new_tokens):
+            graph.replay() if graph is not None else fast_step(self.settings, s)
             end = i + 1
             if callback is not None:  # waits for the device every step: only when asked for
                 callback(i, s.tok[:B].tolist())
@@ -250,123 +196,151 @@ class Hybrid:
             for tok, steered, cat, best in zip(out_tok[b], out_st[b], out_cat[b], out_best[b]):
                 if done[b]:
                     break
-                c, w = grid[best] if steered else (None, None)
-                res.tokens[b].append(tok)
-                res.steered[b].append(steered)
-                res.category[b].append(cat)
-                res.coef[b].append(c)
-                res.window[b].append(w)
-                done[b] = tok in eos
+                res.record(b, tok, steered, cat, run.grid[best])
+                done[b] = tok in run.eos
 
-    # ------------------------------------------------------------------ generate
-    @torch.no_grad()
-    def generate(self, base_prompts, thinking_prompts, max_new_tokens: int = 256,
-                 eos_token_id: int | Sequence[int] | None | str = "default",
-                 callback: Callable[[int, list[int]], None] | None = None) -> HybridResult:
-        """callback(step, tokens): each step's token per sequence, as it is generated (a progress bar
-        or a stream; it syncs with the device every step)."""
-        import time
-
+    # ------------------------------------------------------------------ the host loop
+    def _prepare(self, base_prompts, thinking_prompts, max_new_tokens: int, eos_token_id) -> "_Run":
+        """Checks, the candidate grid, caches (growing them releases this hybrid's graphs) and, for
+        the fast path, its captured step: everything before the first kernel of the run."""
         base, think = self.base, self.thinking
         base_prompts = base.check_prompts(base_prompts, max_new_tokens, "base_prompts")
         thinking_prompts = think.check_prompts(thinking_prompts, max_new_tokens, "thinking_prompts")
         B = len(base_prompts)
         if len(thinking_prompts) != B:
             raise InvalidInputError(f"{B} base prompts but {len(thinking_prompts)} thinking prompts")
-        eos = set(base.stop_ids(eos_token_id, None, 1)[0])
         grid = [(self.coefs[0], self.windows[0])] if self.gate == "controller" \
             else [(c, w) for c in self.coefs for w in self.windows]
-        Lb = [len(p) for p in base_prompts]
-        Lt = [len(p) for p in thinking_prompts]
-        fast = self.fast and self.tokenizers is None and all(w == -1 for _, w in grid) and max_new_tokens > 1
+        run = _Run(base_prompts, thinking_prompts, max_new_tokens, eos=set(base.stop_ids(eos_token_id, None, 1)[0]),
+                   grid=grid, Lb=[len(p) for p in base_prompts], Lt=[len(p) for p in thinking_prompts],
+                   fast=self.fast and self.tokenizers is None and all(w == -1 for _, w in grid) and max_new_tokens > 1)
         Bb = B if base.eager else bucket_for(B)
-        # rows: the batch (bucket), then scratch rows for candidates
-        rows = max(Bb, B + min(self.scratch_rows, B * len(grid))) if not fast else Bb * (1 + len(grid))
-        base.ensure_cache(rows, max(Lb) + max_new_tokens)
-        think.ensure_cache(Bb, think.max_seq_len if self.tokenizers else max(Lt) + max_new_tokens)
+        # cache rows: the batch (bucket), then scratch rows for candidates
+        rows = Bb * (1 + len(grid)) if run.fast else max(Bb, B + min(self.scratch_rows, B * len(grid)))
+        base.ensure_cache(rows, max(run.Lb) + max_new_tokens)
+        think.ensure_cache(Bb, think.max_seq_len if self.tokenizers else max(run.Lt) + max_new_tokens)
         caches = (base.cache_generation, think.cache_generation)
         if caches != self._caches:
             self.graphs.release()  # captured against the old caches
             self._caches = caches
-        if fast:  # captured before the prefill: the dummy step's writes at position 0 get overwritten
-            state, graph = self._fast_runner(Bb, len(eos), [c for c, _ in grid])
-        residual = torch.empty(B, base.cache_len, base.args.dim, dtype=base.dtype, device=base.device)
+        if run.fast:  # captured before the prefill: the dummy step's writes at position 0 get overwritten
+            run.state, run.graph = self._fast_runner(Bb, len(run.eos), [c for c, _ in grid])
+        run.residual = torch.empty(B, base.cache_len, base.args.dim, dtype=base.dtype, device=base.device)
+        return run
+
+    def _prefill(self, run: "_Run"):
+        """Both prompts into the caches; the base residual at steer_layer kept for every position.
+        Returns the base and thinking logits and the thinking residual at sae_layer (last position)."""
+        logits_b, cap_b, _ = self.base.prefill(run.base_prompts, self.steer_layer)
+        run.residual[:, :cap_b.shape[1]] = cap_b
+        logits_t, cap_t, lens_t = self.thinking.prefill(run.thinking_prompts, self.sae_layer)
+        return logits_b, logits_t, cap_t[torch.arange(run.B, device=self.thinking.device), lens_t - 1]
+
+    def _choose(self, run: "_Run", step: int, logits_b, logits_t, a):
+        """One step's decision for every row: (tokens [B] on the device, their list, the categories,
+        {row: index of the chosen candidate} for the steered rows). One device->host transfer on an
+        unsteered step: the gate, the categories, the tokens."""
+        y0 = logits_b.argmax(-1)
+        ctrl = self.sae.controller(a, self.cat_map, self.threshold, self.cat_coef)
+        if self.gate == "thinking":
+            steer = logits_t.argmax(-1).to(y0.device) != y0
+        elif self.gate == "controller":
+            steer = ctrl.category.to(y0.device) >= 0
+        else:  # synthetic: steps where floor(step * rate) ticks over
+            steer = torch.full_like(y0, int((step + 1) * self.gate) > int(step * self.gate), dtype=torch.bool)
+        cat = ctrl.category.to(y0.device)
+        steer &= cat >= 0
+        flags, cats, toks = torch.stack([steer.long(), cat.long(), y0]).tolist()
+        rows = [b for b, f in enumerate(flags) if f and not run.done[b]]
+        tok, choice = y0.clone(), {}
+        if rows:
+            cand = self._candidates(rows, cats, run.Lb, run.residual, run.grid, run.B)
+            if len(run.grid) > 1:  # the thinking model's logits at the candidates: a log-softmax would
+                # shift each row by a constant (same choice, same ties: the first wins)
+                best = logits_t[rows].to(cand.device).gather(1, cand).argmax(-1)
+            else:
+                best = torch.zeros(len(rows), dtype=torch.int64, device=cand.device)
+            tok[rows] = cand[torch.arange(len(rows), device=cand.device), best]
+            choice = dict(zip(rows, best.tolist()))
+            toks = tok.tolist()
+        return tok, toks, cats, choice
+
+    def _advance(self, run: "_Run", tok, toks: list[int], logits_t, a):
+        """Append the step's tokens to both sequences; the next step's logits and thinking residual."""
+        base, think, B = self.base, self.thinking, run.B
+        pos_b = torch.tensor(run.Lb, dtype=torch.int32, device=base.device)
+        logits_b, cap = base.forward_step(tok, pos_b, max(run.Lb) + 1, self.steer_layer)  # a graph on the GPU
+        run.residual[torch.arange(B, device=base.device), pos_b.long()] = cap
+        if self.tokenizers is None:  # same vocabulary: one token each, the graphed step
+            new_t = [[t] for t in toks]
+            pos_t = torch.tensor(run.Lt, dtype=torch.int32, device=think.device)
+            logits_t, a = think.forward_step(tok.to(think.device), pos_t, max(run.Lt) + 1, self.sae_layer)
+        else:
+            new_t = [self._retokenize(t) for t in toks]
+            width = max(map(len, new_t))  # _feed pads every row to this many positions
+            if max(run.Lt) + width > think.cache_len:
+                raise InvalidInputError("the thinking model's re-encoded text outgrew its max_seq_len")
+            # a token whose text re-encodes to nothing leaves the thinking model where it was:
+            # feed a placeholder (overwritten later, its length does not advance), keep its outputs
+            empty = [b for b, ids in enumerate(new_t) if not ids]
+            fed_logits, fed_a = self._feed(think, [ids or [0] for ids in new_t], run.Lt, self.sae_layer)
+            if empty:
+                fed_logits[empty], fed_a[empty] = logits_t[empty], a[empty]
+            logits_t, a = fed_logits, fed_a
+        run.Lb = [n + 1 for n in run.Lb]
+        run.Lt = [n + len(ids) for n, ids in zip(run.Lt, new_t)]
+        return logits_b, logits_t, a
+
+    @torch.no_grad()
+    def generate(self, base_prompts, thinking_prompts, max_new_tokens: int = 256,
+                 eos_token_id: int | Sequence[int] | None | str = "default",
+                 callback: Callable[[int, list[int]], None] | None = None) -> HybridResult:
+        """callback(step, tokens): each step's token per sequence, as it is generated (a progress bar
+        or a stream; it syncs with the device every step)."""
+        run = self._prepare(base_prompts, thinking_prompts, max_new_tokens, eos_token_id)
         t0 = time.perf_counter()
-
-        logits_b, cap_b, _ = base.prefill(base_prompts, self.steer_layer)
-        residual[:, :cap_b.shape[1]] = cap_b
-        logits_t, cap_t, lens_t = think.prefill(thinking_prompts, self.sae_layer)
-        a = cap_t[torch.arange(B, device=think.device), lens_t - 1]
-
-        res = HybridResult([[] for _ in range(B)], [[] for _ in range(B)], [[] for _ in range(B)],
-                           [[] for _ in range(B)], [[] for _ in range(B)])
-        done = [False] * B
+        logits_b, logits_t, a = self._prefill(run)
+        res = HybridResult.empty(run.B)
         for step in range(max_new_tokens):
-            y0 = logits_b.argmax(-1)
-            ctrl = self.sae.controller(a, self.cat_map, self.threshold, self.cat_coef)
-            if self.gate == "thinking":
-                steer = logits_t.argmax(-1).to(y0.device) != y0
-            elif self.gate == "controller":
-                steer = ctrl.category.to(y0.device) >= 0
-            else:  # synthetic: steps where floor(step * rate) ticks over
-                steer = torch.full_like(y0, int((step + 1) * self.gate) > int(step * self.gate), dtype=torch.bool)
-            cat = ctrl.category.to(y0.device)
-            steer &= cat >= 0
-            # one device->host transfer on an unsteered step: the gate, the categories, the tokens
-            flags, cats, toks = torch.stack([steer.long(), cat.long(), y0]).tolist()
-            rows = [b for b, s in enumerate(flags) if s and not done[b]]
-            tok = y0.clone()
-            choice = {}
-            if rows:
-                cand = self._candidates(rows, cats, Lb, residual, grid, B)
-                if len(grid) > 1:  # the thinking model's logits at the candidates: a log-softmax would
-                    # shift each row by a constant (same choice, same ties: the first wins)
-                    best = logits_t[rows].to(cand.device).gather(1, cand).argmax(-1)
-                else:
-                    best = torch.zeros(len(rows), dtype=torch.int64, device=cand.device)
-                tok[rows] = cand[torch.arange(len(rows), device=cand.device), best]
-                best_list, toks = best.tolist(), tok.tolist()
-                choice = dict(zip(rows, best_list))
-            for b in range(B):
-                if done[b]:
-                    continue
-                c, w = grid[choice[b]] if b in choice else (None, None)
-                res.tokens[b].append(toks[b])
-                res.steered[b].append(b in choice)
-                res.category[b].append(cats[b])
-                res.coef[b].append(c)
-                res.window[b].append(w)
-                done[b] = toks[b] in eos
+            tok, toks, cats, choice = self._choose(run, step, logits_b, logits_t, a)
+            for b in range(run.B):
+                if not run.done[b]:
+                    res.record(b, toks[b], b in choice, cats[b], run.grid[choice[b]] if b in choice else None)
+                    run.done[b] = toks[b] in run.eos
             if callback is not None:
                 callback(step, toks)
-            if all(done) or step == max_new_tokens - 1:
+            if all(run.done) or step == max_new_tokens - 1:
                 break
-            if fast:  # the rest of the run on the device
-                self._run_fast(state, graph, res, toks, done, Lb, Lt, step + 1, max_new_tokens, eos, grid, callback)
+            if run.fast:  # the rest of the run on the device
+                self._run_fast(run, res, toks, step + 1, callback)
                 break
-            pos_b = torch.tensor(Lb, dtype=torch.int32, device=base.device)
-            logits_b, cap = base.forward_step(tok, pos_b, max(Lb) + 1, self.steer_layer)  # a graph on the GPU
-            residual[torch.arange(B, device=base.device), pos_b.long()] = cap
-            if self.tokenizers is None:  # same vocabulary: one token each, the graphed step
-                new_t = [[t] for t in toks]
-                pos_t = torch.tensor(Lt, dtype=torch.int32, device=think.device)
-                logits_t, a = think.forward_step(tok.to(think.device), pos_t, max(Lt) + 1, self.sae_layer)
-            else:
-                new_t = [self._retokenize(t) for t in toks]
-                width = max(map(len, new_t))  # _feed pads every row to this many positions
-                if max(Lt) + width > think.cache_len:
-                    raise InvalidInputError("the thinking model's re-encoded text outgrew its max_seq_len")
-                # a token whose text re-encodes to nothing leaves the thinking model where it was:
-                # feed a placeholder (overwritten later, its length does not advance), keep its outputs
-                empty = [b for b, ids in enumerate(new_t) if not ids]
-                fed_logits, fed_a = self._feed(think, [ids or [0] for ids in new_t], Lt, self.sae_layer)
-                if empty:
-                    fed_logits[empty], fed_a[empty] = logits_t[empty], a[empty]
-                logits_t, a = fed_logits, fed_a
-            Lb = [n + 1 for n in Lb]
-            Lt = [n + len(ids) for n, ids in zip(Lt, new_t)]
+            logits_b, logits_t, a = self._advance(run, tok, toks, logits_t, a)
         res.elapsed_s = time.perf_counter() - t0
         return res
+
+
+@dataclass
+class _Run:
+    """One generate call's host-side state."""
+    base_prompts: list[list[int]]
+    thinking_prompts: list[list[int]]
+    max_new_tokens: int
+    eos: set[int]
+    grid: list[tuple[float, int]]  # (coefficient, window) candidates
+    Lb: list[int]  # each base sequence's length so far
+    Lt: list[int]  # each thinking sequence's length so far
+    fast: bool
+    state: object = None  # the fast path's StepState and graph
+    graph: object = None
+    residual: torch.Tensor | None = None  # [B, S, d]: the base residual after steer_layer, per position
+    done: list[bool] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.done = [False] * len(self.base_prompts)
+
+    @property
+    def B(self) -> int:
+        return len(self.base_prompts)
 
 
 def _same_vocab(base_tok, think_tok) -> bool:

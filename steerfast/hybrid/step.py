@@ -14,8 +14,25 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops
-from .model import Capture, Context
+from .. import ops
+from ..model import Capture, Context
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What the step reads besides its buffers: the two decoders, the controller and the steering."""
+    base: object  # model.Transformer
+    thinking: object  # model.Transformer
+    thinking_device: torch.device
+    sae: object  # TopKSAE, on the thinking model's device
+    cat_map: torch.Tensor  # [n_latents] int32
+    threshold: float
+    cat_coef: torch.Tensor  # [C] fp32
+    vectors: torch.Tensor  # [C, d_base]
+    bias: torch.Tensor | None  # [d_base]
+    sae_layer: int
+    steer_layer: int
+    gate: str | float
 
 
 @dataclass
@@ -50,9 +67,9 @@ def new_state(Bb: int, width: int, n_eos: int, coefs: list[float], device) -> St
                      out_best=z(torch.int64, Bb, width))
 
 
-def fast_step(h, s: StepState) -> None:
-    """One generated token for every row of `s`, all on the device (h: the Hybrid)."""
-    base, think = h.base.net, h.thinking.net
+def fast_step(h: StepSettings, s: StepState) -> None:
+    """One generated token for every row of `s`, all on the device."""
+    base, think = h.base, h.thinking
     Bb, dev = s.tok.shape[0], s.tok.device
     nc = s.coef_rows.shape[0] // Bb
     la = h.steer_layer + 1
@@ -60,7 +77,7 @@ def fast_step(h, s: StepState) -> None:
     ctx_b = Context(input_pos=s.pos_b[:, None])
     x = base.decode_layers(base.tok_embeddings(s.tok), ctx_b, 0, la)  # [Bb, d], unsteered
     cap_t = Capture(h.sae_layer)
-    logits_t = think(s.tok.to(h.thinking.device)[:, None], Context(input_pos=s.pos_t[:, None], edits=(cap_t,)))[:, 0]
+    logits_t = think(s.tok.to(h.thinking_device)[:, None], Context(input_pos=s.pos_t[:, None], edits=(cap_t,)))[:, 0]
     ctrl = h.sae.controller(cap_t.value[:, 0], h.cat_map, h.threshold, h.cat_coef)
     cat = ctrl.category.to(dev)
 
