@@ -12,7 +12,6 @@ import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # allocation and metadata: no kernel runs

@@ -23,30 +23,10 @@ import torch
 import steerfast as sf
 from steerfast.cli import build_parser, main
 from steerfast.presets import SHAPES, random_hf_model, random_model
+from cli_helpers import ENV, assert_one_error_line, run_cli
 from tiny_tokenizer import char_tokenizer
 
 TINY_VOCAB = SHAPES["tiny"]["vocab_size"]
-# the CLI as users run it: no Triton interpreter (on a CPU the torch kernels run), no debug tracebacks
-ENV = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "STEERFAST_QUIET")} | dict(STEERFAST_DEBUG="0")
-
-
-def run_cli(*args, cwd=None, exe=None, **kw) -> subprocess.CompletedProcess:
-    cmd = [exe] if exe else [sys.executable, "-m", "steerfast"]
-    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=ENV, timeout=300,
-                          **kw)
-
-
-def assert_one_error_line(r: subprocess.CompletedProcess, *names: str, prog="steerfast"):
-    """Exit 2, no traceback, exactly one `error:` line, of the failing command, naming `names`."""
-    assert "Traceback" not in r.stderr, r.stderr
-    errors = [line for line in r.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, r.stderr
-    assert errors[0].startswith(f"{prog}: error: "), errors[0]
-    for name in names:
-        assert name in errors[0], (name, errors[0])
-    assert r.returncode == 2, (r.returncode, r.stderr)
-
-
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tokenizer")

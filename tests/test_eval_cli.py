@@ -20,30 +20,10 @@ from steerfast.evaluate import BaseGenerator, Completion, evaluate, load_problem
 from steerfast.evaluate import lock
 from steerfast.evaluate.summary import figure_data, summary_figure
 from steerfast.presets import SHAPES, random_hf_model
+from cli_helpers import ENV, ROOT, assert_one_error_line, run_cli
 from tiny_tokenizer import char_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data" / "gsm8k_mini.jsonl"
-ENV = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "STEERFAST_QUIET")} | dict(
-    STEERFAST_DEBUG="0", OMP_NUM_THREADS="1")
-
-
-def run_cli(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "steerfast", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env=ENV, timeout=300, **kw)
-
-
-def assert_one_error_line(r, *names, prog="steerfast eval"):
-    """Exit 2, no traceback, exactly one `error:` line, of the failing command, naming `names`."""
-    assert "Traceback" not in r.stderr, r.stderr
-    errors = [line for line in r.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, r.stderr
-    assert errors[0].startswith(f"{prog}: error: "), errors[0]
-    for name in names:
-        assert name in errors[0], (name, errors[0])
-    assert r.returncode == 2, (r.returncode, r.stderr)
-
-
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     """A tokenizer directory, and a 'model' directory whose weights are garbage: a run that reached
@@ -58,14 +38,14 @@ def dirs(tmp_path_factory):
 
 def test_a_model_directory_without_a_tokenizer_is_one_line_before_any_model_loads(dirs):
     r = run_cli("eval", "--data", DATA, "--out", dirs / "out1", "--runs", "base", "--base-model", dirs / "broken")
-    assert_one_error_line(r, "no tokenizer files", str(dirs / "broken"), "--base-tokenizer", "--base-model")
+    assert_one_error_line(r, "no tokenizer files", str(dirs / "broken"), "--base-tokenizer", "--base-model", prog="steerfast eval")
     assert "checkpoint" not in r.stderr.lower() and not (dirs / "out1").exists()
     # an explicit tokenizer flag pointing at nothing usable is named as that flag
     r = run_cli("eval", "--data", DATA, "--out", dirs / "out1", "--runs", "thinking", "--thinking-model",
                 dirs / "broken", "--thinking-tokenizer", dirs / "broken")
-    assert_one_error_line(r, "--thinking-tokenizer", str(dirs / "broken"))
+    assert_one_error_line(r, "--thinking-tokenizer", str(dirs / "broken"), prog="steerfast eval")
     r = run_cli("eval", "--data", DATA, "--out", dirs / "out1", "--runs", "base", "--base-model", dirs / "nowhere")
-    assert_one_error_line(r, "--base-model", str(dirs / "nowhere"), "does not exist")
+    assert_one_error_line(r, "--base-model", str(dirs / "nowhere"), "does not exist", prog="steerfast eval")
 
 
 def test_a_second_run_into_a_locked_directory_fails_at_once_naming_the_holder(dirs, tmp_path):
@@ -75,7 +55,7 @@ def test_a_second_run_into_a_locked_directory_fails_at_once_naming_the_holder(di
         t0 = time.monotonic()
         r = run_cli("eval", "--data", DATA, "--out", out, "--runs", "base", "--base-model", dirs / "broken",
                     "--base-tokenizer", dirs / "tok")
-        assert_one_error_line(r, str(out / "base"), f"pid {os.getpid()}", "in use")
+        assert_one_error_line(r, str(out / "base"), f"pid {os.getpid()}", "in use", prog="steerfast eval")
         assert time.monotonic() - t0 < 60  # failed at once: no waiting on the lock
         assert "checkpoint" not in r.stderr.lower()  # before the model loaded
         assert not (out / "base" / "results_rank0.jsonl").exists()

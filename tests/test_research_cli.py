@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,27 +16,8 @@ import steerfast as sf
 from steerfast import research as R
 from steerfast.presets import SHAPES, random_hf_model
 from tiny_models import VOCAB, random_prompts, tiny_hf
+from cli_helpers import assert_one_error_line, run_cli
 from tiny_tokenizer import char_tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "STEERFAST_QUIET")} | dict(
-    STEERFAST_DEBUG="0", OMP_NUM_THREADS="1")
-
-
-def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "steerfast", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env=ENV, timeout=300)
-
-
-def assert_one_error_line(r, *names, prog):
-    assert "Traceback" not in r.stderr, r.stderr
-    errors = [line for line in r.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, r.stderr
-    assert errors[0].startswith(f"{prog}: error: "), errors[0]
-    for name in names:
-        assert name in errors[0], (name, errors[0])
-    assert r.returncode == 2, (r.returncode, r.stderr)
-
 
 @pytest.fixture(scope="module")
 def model():
