@@ -28,6 +28,7 @@ import warnings
 
 import torch
 
+from steerfast import progress
 from steerfast.presets import random_hf_model
 
 from . import common
@@ -245,6 +246,7 @@ def run(args) -> int:
                              weight_init="N(0, 0.02) weights and biases, unit norm weights",
                              steerfast_load_model="eager=None (the default: CUDA graphs on CUDA, eager on CPU)"),
                copy_bandwidth=bw, notes=NOTES, models={}, results=[])
+    bar = progress.bar(total=len(models) * len(batches), desc="bench decode", unit="case", leave=False)
     for name in models:
         t0 = time.perf_counter()
         hf = random_hf_model(name, device, dtype, seed=args.seed)
@@ -266,9 +268,11 @@ def run(args) -> int:
                 print(f"  batch {batch}: " + ", ".join(f"{h} {common.fmt(row[k])}" for k, h in COLUMNS[2:]), flush=True)
             doc["results"].append(r)
             common.write_json(args.out, doc)  # after every result: a crash later loses nothing
+            bar.update()
         del hf, m
         common.free_memory(device)
 
+    bar.close()
     print()
     print(common.format_table([table_row(r) for r in doc["results"]], COLUMNS))
     out = common.write_json(args.out, doc)

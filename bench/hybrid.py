@@ -56,6 +56,7 @@ import time
 
 import torch
 
+from steerfast import progress
 from steerfast.hybrid.reference import naive_hybrid
 from steerfast.presets import SHAPES, random_hf_model
 
@@ -339,6 +340,8 @@ def section_steerfast(run: _Sections, base, think) -> None:
 
     s = run.s
     print("\n[steerfast: sf.Hybrid]", flush=True)
+    bar = progress.bar(total=len(s["configs"]) * len(s["batches"]) * len(run.gates), desc="sf.Hybrid", unit="case",
+                       leave=False)
     for cfg_name, cfg in s["configs"].items():
         for B in s["batches"]:
             for gate in run.gates:
@@ -359,6 +362,8 @@ def section_steerfast(run: _Sections, base, think) -> None:
                         m.release()
                     common.free_memory(run.device)
                 run.record(rec, f"config {cfg_name} batch {B} gate {gate_name(gate)}")
+                bar.update()
+    bar.close()
 
 
 def section_floor(run: _Sections, base, think, bw: dict) -> None:
@@ -379,9 +384,12 @@ def section_naive(run: _Sections, hf_b, hf_t) -> None:
                      run.prompts[s["batches"][0]][0][:1], run.prompts[s["batches"][0]][1][:1], 2)
     except Exception as e:  # noqa: BLE001 -- the timed runs will record the error
         print(f"  warm-up failed: {type(e).__name__}: {e}")
+    bar = progress.bar(total=len(s["configs"]) * len(s["batches"]) * len(run.gates), desc="naive hybrid",
+                       unit="case", leave=False)
     for cfg_name, cfg in s["configs"].items():
         for B in s["batches"]:
             for gate in run.gates:
+                bar.update()
                 key = dict(impl="naive", config=cfg_name, batch=B, gate=gate_name(gate),
                            grid_size=len(cfg["coefs"]) * len(cfg["windows"]))
                 try:
