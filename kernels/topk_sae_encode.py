@@ -134,7 +134,10 @@ def _preact_dot(x_ptr, w_ptr, b_dec_ptr, rows, cols, B, d, n,
             acc = tl.dot(hi, w, acc)
             acc = tl.dot(lo, w, acc)
         else:
-            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+            # each chunk's dot starts from zero and is then added: chains of BLOCK_D and d / BLOCK_D
+            # additions instead of one chain of d FMAs (on an H200 the chained form erred ~6x
+            # cuBLAS's fp32 error at d = 4096, outside the 2x rule)
+            acc += tl.dot(a, w, input_precision=DOT_PRECISION)
     return acc
 
 
