@@ -270,3 +270,82 @@ def test_fake_tensor_shapes():
                         torch.empty(B, dtype=torch.int64), torch.empty(B, dtype=torch.int32),
                         torch.empty(B, dtype=torch.int32), torch.empty(B, dtype=torch.int64),
                         torch.empty(B, 8, dtype=torch.int64), torch.empty(B, 2, dtype=torch.int64))
+
+
+# ---------------------------------------------------------------- the GPU block-size tables
+def _guarded(shape, dtype, fill, pad=1024):
+    """A view into a bigger buffer whose surroundings hold NaN (ints: -7): a read outside the view that
+    reaches an output shows as NaN or a wrong value."""
+    n = 1
+    for s in shape:
+        n *= s
+    buf = torch.full((n + 2 * pad,), float("nan") if dtype.is_floating_point else -7, dtype=dtype, device=DEVICE)
+    view = buf[pad:pad + n].view(shape)
+    view.copy_(fill)
+    return view
+
+
+@pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
+@pytest.mark.parametrize("M, dtype_tol", [  # 4 of 16 padded rows, one full 32-row block, two row blocks
+    pytest.param(M, dt.values[0], id=f"M{M}-{dt.id}")  # fp32: the table's BLOCK_K halved
+    for M, dt in ((4, DTYPES[0]), (4, DTYPES[2]), (32, DTYPES[0]), (32, DTYPES[2]), (70, DTYPES[2]))])
+def test_gpu_table_configs(M, dtype_tol, seed):
+    """The block sizes a GPU picks (fused_linear.gpu_config, qkv_rope._config), also under the
+    interpreter (whose own small config the other tests use), on shapes whose N and K are not
+    multiples of the blocks; inputs surrounded by NaN. The H200 sweep's illegal memory access at
+    M = 4 and 32 (Llama-3.1-8B shapes) was looked for this way; none of these reads or writes it."""
+    from steerfast.kernels import fused_linear as FL
+    from steerfast.kernels import qkv_rope as QR
+
+    dtype, atol, rtol = dtype_tol
+    elt = torch.empty((), dtype=dtype).element_size()
+    K, I, d, V = 200, 150, 136, 700
+    r = lambda *s, scale=1.0: _guarded(s, dtype, (torch.randn(*s, device=DEVICE) * scale).to(dtype))  # noqa: E731
+    x, nw, res = r(M, K), _guarded((K,), dtype, (1 + 0.2 * torch.randn(K, device=DEVICE)).to(dtype)), r(M, d)
+    what = f"M={M} {dtype} seed={seed}"
+
+    W13, b13 = r(2 * I, K, scale=K ** -0.5), r(2 * I, scale=0.5)
+    out = FL.fused_linear(x, W13, nw, 1e-5, bias=b13, swiglu=True, config=FL.gpu_config(M, I, K, swiglu=True, elt=elt))
+    kw = dict(norm_weight=nw, eps=1e-5, bias=b13, swiglu=True)
+    ref = fo.fused_linear_torch(x.double(), W13.double(), **{k: v if isinstance(v, (bool, float)) else _f64(v)
+                                                                  for k, v in kw.items()})
+    _check(out, ref, fo.fused_linear_torch(x, W13, **kw), atol, rtol, FLOOR[dtype], f"norm+w13+swiglu {what}")
+
+    x2, W2 = r(M, I), r(d, I, scale=I ** -0.5)
+    for N_cfg in (d, 4096):  # the table's narrow (d = 1536) and wide (N >= 4096) entries
+        out = FL.fused_linear(x2, W2, residual=res, config=FL.gpu_config(M, N_cfg, I, elt=elt))
+        ref = fo.fused_linear_torch(x2.double(), W2.double(), residual=res.double())
+        _check(out, ref, fo.fused_linear_torch(x2, W2, residual=res), atol, rtol, FLOOR[dtype], f"w2+res {what}")
+
+    Wl = r(V, K, scale=K ** -0.5)
+    ids = FL.lm_head_argmax(x, Wl, nw, 1e-6, config=FL.gpu_config(M, V, K, argmax=True, elt=elt))
+    logits = torch.nn.functional.linear(fo.rms_norm_torch(x.double(), nw.double(), 1e-6), Wl.double())
+    base = fo.lm_head_argmax_torch(x, Wl, nw, 1e-6)
+    top = logits.max(dim=-1).values
+    regret = top - logits.gather(1, ids[:, None])[:, 0]
+    base_regret = top - logits.gather(1, base[:, None])[:, 0]
+    assert ((ids >= 0) & (ids < V)).all(), f"lm_head_argmax {what}: ids {ids.tolist()}"
+    assert (regret <= 2 * base_regret + atol * top.abs().clamp(min=1)).all(), f"lm_head_argmax {what}: {ids.tolist()}"
+
+    H, Hkv, D, S = 4, 2, 64, 24
+    Bc = M + 2
+    Wqkv = r((H + 2 * Hkv) * D, K, scale=K ** -0.5)
+    cos, sin = _rope_tables(S, D, dtype)
+    pos = _guarded((M,), torch.int32, torch.randint(0, S, (M,), **I32))
+    rows = _guarded((M,), torch.int64, torch.randperm(Bc, device=DEVICE)[:M])
+    k0, v0 = torch.randn(Bc, S, Hkv, D, device=DEVICE).to(dtype), torch.randn(Bc, S, Hkv, D, device=DEVICE).to(dtype)
+    k_cache, v_cache = k0.clone(), v0.clone()
+    q = QR.qkv_rope_kv_write(x, Wqkv, nw, 1e-6, None, cos, sin, pos, rows, k_cache, v_cache, H, Hkv,
+                             config=QR._config(M, False, elt))
+    kr, vr = k0.double(), v0.double()
+    qr = fo.qkv_rope_kv_write_torch(x.double(), Wqkv.double(), nw.double(), 1e-6, None, cos.double(), sin.double(),
+                                    pos, rows, kr, vr, H, Hkv)
+    kb, vb = k0.clone(), v0.clone()
+    qb = fo.qkv_rope_kv_write_torch(x, Wqkv, nw, 1e-6, None, cos, sin, pos, rows, kb, vb, H, Hkv)
+    p = pos.long()
+    for name, o, rf, b in (("q", q, qr, qb), ("k", k_cache[rows, p], kr[rows, p], kb[rows, p]),
+                           ("v", v_cache[rows, p], vr[rows, p], vb[rows, p])):
+        _check(o, rf, b, atol, rtol, FLOOR[dtype], f"qkv_rope {name} {what}")
+    untouched = torch.ones(Bc, S, dtype=torch.bool, device=DEVICE)
+    untouched[rows, p] = False
+    assert torch.equal(k_cache[untouched], k0[untouched]) and torch.equal(v_cache[untouched], v0[untouched])
