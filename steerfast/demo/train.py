@@ -26,8 +26,8 @@ class Recipe:
     ffn: int = 256
     vocab: int = 400
     base_steps: int = 550
-    base_step_share: float = 0.3  # share of step-by-step answers in the base model's mix
-    think_steps: int = 250
+    base_step_share: float = 0.4  # share of step-by-step answers in the base model's mix
+    think_steps: int = 300
     batch: int = 32
     lr: float = 3e-3
     think_lr: float = 1.5e-3
