@@ -149,9 +149,12 @@ def _run(args) -> int:
         reasoned[run_name] = sum(r["completion"].lstrip().startswith("We add") for r in recs) / max(1, len(recs))
     (out / "demo.json").write_text(json.dumps(dict(timing=timing, training=info, reasoned=reasoned, purity=purity,
                                                    categories=names, settings=vars(settings)), indent=1))
+    figure = res / "taxonomy_grid.png"
+    if not figure.exists():  # no matplotlib: the numbers only
+        figure = f"{res / 'taxonomy_grid.json'} (pip install 'steerfast[research]' for the figure)"
     print("answers that reason step by step: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in reasoned.items()))
     print(f"demo: {timing['total_s']:.0f} s (models {timing['train_s']:.0f} s, pipeline {timing['research_s']:.0f} s, "
-          f"eval {timing['eval_s']:.0f} s); traces: {out / 'hybrid' / 'traces'}, taxonomy: {res / 'taxonomy_grid.png'}")
+          f"eval {timing['eval_s']:.0f} s); traces: {out / 'hybrid' / 'traces'}, taxonomy: {figure}")
     return rc
 
 
