@@ -32,10 +32,12 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def rms_norm_torch(x, weight, eps):
-    """steerfast.model.RMSNorm: weight * (x * rsqrt(mean(x**2) + eps)).to(x.dtype), statistics in
-    fp32 even for float64 x, as transformers' (the decode path must equal the prefill path and HF)."""
-    xf = x.float()
+def rms_norm_torch(x, weight, eps, stats_dtype=torch.float32):
+    """steerfast.model.RMSNorm: weight * (x * rsqrt(mean(x**2) + eps)).to(x.dtype), the statistics in
+    fp32 even for float64 x, as transformers takes them (the decode path must equal the prefill path
+    and HF). A float64 ground truth for the kernels' tests passes stats_dtype=torch.float64: with fp32
+    statistics it would share its rounding with the same-dtype baseline and flatter it."""
+    xf = x.to(stats_dtype)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
 
@@ -51,10 +53,10 @@ def _contig(*ts):
 
 # ---------------------------------------------------------------- fused linear
 def fused_linear_torch(x, W, norm_weight=None, eps=0.0, bias=None, residual=None, swiglu=False, steer=None,
-                       input_pos=None):
+                       input_pos=None, stats_dtype=torch.float32):
     """Reference of `fused_linear`, with eager PyTorch's roundings: RMSNorm (as steerfast.model's),
     F.linear, silu(gate) * up, residual + y, then steering as ops.steer_add_torch."""
-    xn = x if norm_weight is None else rms_norm_torch(x, norm_weight, eps)
+    xn = x if norm_weight is None else rms_norm_torch(x, norm_weight, eps, stats_dtype)
     y = F.linear(xn, W, bias)
     if swiglu:
         gate, up = y.chunk(2, dim=-1)
@@ -122,11 +124,11 @@ def fused_linear(x, W, *, norm_weight=None, eps=0.0, bias=None, residual=None, s
 
 # ---------------------------------------------------------------- QKV + RoPE + KV write
 def qkv_rope_kv_write_torch(x, W, norm_weight, eps, bias, cos, sin, pos, rows, k_cache, v_cache, n_heads,
-                            n_kv_heads):
+                            n_kv_heads, stats_dtype=torch.float32):
     """Reference of `qkv_rope_kv_write`: steerfast.model's attention prologue for one token per row."""
     M = x.shape[0]
     H, Hkv, D = n_heads, n_kv_heads, k_cache.shape[-1]
-    xn = x if norm_weight is None else rms_norm_torch(x, norm_weight, eps)
+    xn = x if norm_weight is None else rms_norm_torch(x, norm_weight, eps, stats_dtype)
     q, k, v = F.linear(xn, W, bias).split([H * D, Hkv * D, Hkv * D], dim=-1)
     q, k, v = q.view(M, H, D), k.view(M, Hkv, D), v.view(M, Hkv, D)
     p = pos.long()

@@ -133,7 +133,7 @@ def test_fused_linear(case, dtype_tol, backend, seed):
     assert out.dtype == dtype and out.shape == (M, N)
     kw64 = {k: (tuple(_f64(t) for t in v) if k == "steer" else _f64(v)) if not isinstance(v, (bool, float))
             else v for k, v in kw.items()}
-    ref = fo.fused_linear_torch(x.double(), W.double(), **kw64)
+    ref = fo.fused_linear_torch(x.double(), W.double(), **kw64, stats_dtype=torch.float64)
     base = fo.fused_linear_torch(x, W, **kw)
     _check(out, ref, base, atol, rtol, FLOOR[dtype], f"fused_linear[{backend}] {variant} seed={seed}")
     if variant.startswith("steer"):  # rows not steered are exactly the unsteered layer's output
@@ -189,7 +189,8 @@ def test_qkv_rope_kv_write(case, dtype_tol, backend, seed):
     for name, dt in (("ref", torch.float64), ("base", dtype)):
         kc, vc = k0.clone().to(dt), v0.clone().to(dt)
         qq = fo.qkv_rope_kv_write_torch(x.to(dt), W.to(dt), nw.to(dt), 1e-6, _f64(bias) if dt == torch.float64 else bias,
-                                        cos.to(dt), sin.to(dt), pos, rows, kc, vc, H, Hkv)
+                                        cos.to(dt), sin.to(dt), pos, rows, kc, vc, H, Hkv,
+                                        stats_dtype=torch.float64 if dt == torch.float64 else torch.float32)
         caches[name] = (qq, kc[rows, pos.long()], vc[rows, pos.long()])
     what = f"qkv_rope_kv_write[{backend}] seed={seed}"
     written = (k_cache[rows, pos.long()], v_cache[rows, pos.long()])
@@ -215,7 +216,7 @@ def test_lm_head_argmax(M, K, V, dtype_tol, backend, seed):
     ids = fo.lm_head_argmax(x, W, nw, 1e-6, backend=backend)
 
     assert ids.dtype == torch.int64 and ids.shape == (M,)
-    logits = torch.nn.functional.linear(fo.rms_norm_torch(x.double(), nw.double(), 1e-6), W.double())  # [M, V]
+    logits = torch.nn.functional.linear(fo.rms_norm_torch(x.double(), nw.double(), 1e-6, torch.float64), W.double())  # [M, V]
     base = fo.lm_head_argmax_torch(x, W, nw, 1e-6)
     top = logits.max(dim=-1).values
     regret = top - logits.gather(1, ids[:, None])[:, 0]
@@ -308,7 +309,7 @@ def test_gpu_table_configs(M, dtype_tol, seed):
     out = FL.fused_linear(x, W13, nw, 1e-5, bias=b13, swiglu=True, config=FL.gpu_config(M, I, K, swiglu=True, elt=elt))
     kw = dict(norm_weight=nw, eps=1e-5, bias=b13, swiglu=True)
     ref = fo.fused_linear_torch(x.double(), W13.double(), **{k: v if isinstance(v, (bool, float)) else _f64(v)
-                                                                  for k, v in kw.items()})
+                                                                  for k, v in kw.items()}, stats_dtype=torch.float64)
     _check(out, ref, fo.fused_linear_torch(x, W13, **kw), atol, rtol, FLOOR[dtype], f"norm+w13+swiglu {what}")
 
     x2, W2 = r(M, I), r(d, I, scale=I ** -0.5)
@@ -319,7 +320,7 @@ def test_gpu_table_configs(M, dtype_tol, seed):
 
     Wl = r(V, K, scale=K ** -0.5)
     ids = FL.lm_head_argmax(x, Wl, nw, 1e-6, config=FL.gpu_config(M, V, K, argmax=True, elt=elt))
-    logits = torch.nn.functional.linear(fo.rms_norm_torch(x.double(), nw.double(), 1e-6), Wl.double())
+    logits = torch.nn.functional.linear(fo.rms_norm_torch(x.double(), nw.double(), 1e-6, torch.float64), Wl.double())
     base = fo.lm_head_argmax_torch(x, Wl, nw, 1e-6)
     top = logits.max(dim=-1).values
     regret = top - logits.gather(1, ids[:, None])[:, 0]
@@ -339,7 +340,7 @@ def test_gpu_table_configs(M, dtype_tol, seed):
                              config=QR._config(M, False, elt))
     kr, vr = k0.double(), v0.double()
     qr = fo.qkv_rope_kv_write_torch(x.double(), Wqkv.double(), nw.double(), 1e-6, None, cos.double(), sin.double(),
-                                    pos, rows, kr, vr, H, Hkv)
+                                    pos, rows, kr, vr, H, Hkv, stats_dtype=torch.float64)
     kb, vb = k0.clone(), v0.clone()
     qb = fo.qkv_rope_kv_write_torch(x, Wqkv, nw, 1e-6, None, cos, sin, pos, rows, kb, vb, H, Hkv)
     p = pos.long()
