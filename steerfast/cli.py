@@ -22,6 +22,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SUBCOMMANDS = {
     "eval": ("steerfast.evaluate.cli", "GSM8K / MATH500 accuracy of base, thinking and hybrid runs"),
     "research": ("steerfast.research.cli", "activations, steering vectors, SAE taxonomy, logit lens"),
+    "demo": ("steerfast.demo.cli", "a miniature of the paper: trains a base/thinking pair, steers it, evaluates "
+                                   "base, thinking and hybrid"),
 }
 DEBUG_ENV = "STEERFAST_DEBUG"
 EXIT_BAD_INPUT, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
