@@ -10,7 +10,6 @@ only (step is per row for that reason), so there is no race. Grid cdiv(B, BLOCK_
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 

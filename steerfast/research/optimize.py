@@ -22,7 +22,6 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..errors import InvalidInputError
 from ..model import Add, Context
