@@ -19,6 +19,7 @@ handed to sympy's parser.
 """
 from __future__ import annotations
 
+import gc
 import math
 import re
 import signal
@@ -612,12 +613,20 @@ def _with_time_limit(fn, seconds: float):
         def on_alarm(signum, frame):
             raise _Timeout()
         old = signal.signal(signal.SIGALRM, on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, seconds)
+        # An alarm that lands in a weakref callback or __del__ is swallowed there ("unraisable") and
+        # the work runs on: seen when the cyclic collector freed other code's objects (torch's) in the
+        # middle of sympy's work. So no collection during the work, and the alarm repeats until one
+        # lands in the work itself.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        signal.setitimer(signal.ITIMER_REAL, seconds, 0.2)
         try:
             return fn()
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old)
+            if gc_was_enabled:
+                gc.enable()
     deadline = time.monotonic() + seconds
 
     def tracer(frame, event, arg):
