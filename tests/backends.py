@@ -37,3 +37,14 @@ DTYPES = [
     pytest.param((torch.bfloat16, 2e-2, 2e-2), id="bf16"),
 ]
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-5, torch.bfloat16: 1e-5}
+
+
+def check_2x(out, ref, base, atol, rtol, floor, what):
+    """The 2x rule: out (an implementation) erring at most twice as much as base (plain torch in the
+    same dtype) against the float64 ref, plus a floor; then within (atol, rtol) of it."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    err = (out.double() - ref).abs().max().item() if out.numel() else 0.0
+    base_err = (base.double() - ref).abs().max().item() if out.numel() else 0.0
+    assert err <= 2 * base_err + floor, (
+        f"{what}: max error {err:.3g} > 2 x same-dtype torch error {base_err:.3g} + {floor:g}")
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")

@@ -14,7 +14,7 @@ import torch
 
 import steerfast.fused_ops as fo
 
-from backends import DEVICE, DTYPES, FLOOR, TRITON_SKIP
+from backends import DEVICE, DTYPES, FLOOR, TRITON_SKIP, check_2x
 
 BACKENDS = [
     "torch",
@@ -22,16 +22,6 @@ BACKENDS = [
 ]
 I32 = dict(device=DEVICE, dtype=torch.int32)
 I64 = dict(device=DEVICE, dtype=torch.int64)
-
-
-def _check(out, ref, base, atol, rtol, floor, what):
-    """out (implementation) and base (plain torch in the same dtype) against the float64 ref."""
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    err = (out.double() - ref).abs().max().item() if out.numel() else 0.0
-    base_err = (base.double() - ref).abs().max().item() if out.numel() else 0.0
-    assert err <= 2 * base_err + floor, (
-        f"{what}: max error {err:.3g} > 2 x same-dtype torch error {base_err:.3g} + {floor:g}")
-    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
 def _f64(t):
@@ -135,7 +125,7 @@ def test_fused_linear(case, dtype_tol, backend, seed):
             else v for k, v in kw.items()}
     ref = fo.fused_linear_torch(x.double(), W.double(), **kw64, stats_dtype=torch.float64)
     base = fo.fused_linear_torch(x, W, **kw)
-    _check(out, ref, base, atol, rtol, FLOOR[dtype], f"fused_linear[{backend}] {variant} seed={seed}")
+    check_2x(out, ref, base, atol, rtol, FLOOR[dtype], f"fused_linear[{backend}] {variant} seed={seed}")
     if variant.startswith("steer"):  # rows not steered are exactly the unsteered layer's output
         steer = kw.pop("steer")
         plain = fo.fused_linear(x, W, backend=backend, **{k: v for k, v in kw.items() if k != "input_pos"})
@@ -195,7 +185,7 @@ def test_qkv_rope_kv_write(case, dtype_tol, backend, seed):
     what = f"qkv_rope_kv_write[{backend}] seed={seed}"
     written = (k_cache[rows, pos.long()], v_cache[rows, pos.long()])
     for i, (name, out) in enumerate(zip(("q", "k", "v"), (q,) + written)):
-        _check(out, caches["ref"][i], caches["base"][i], atol, rtol, FLOOR[dtype], f"{what} {name}")
+        check_2x(out, caches["ref"][i], caches["base"][i], atol, rtol, FLOOR[dtype], f"{what} {name}")
     untouched = torch.ones(Bc, S, dtype=torch.bool, device=DEVICE)
     untouched[rows, pos.long()] = False
     assert torch.equal(k_cache[untouched], k0[untouched]) and torch.equal(v_cache[untouched], v0[untouched])
@@ -310,13 +300,13 @@ def test_gpu_table_configs(M, dtype_tol, seed):
     kw = dict(norm_weight=nw, eps=1e-5, bias=b13, swiglu=True)
     ref = fo.fused_linear_torch(x.double(), W13.double(), **{k: v if isinstance(v, (bool, float)) else _f64(v)
                                                                   for k, v in kw.items()}, stats_dtype=torch.float64)
-    _check(out, ref, fo.fused_linear_torch(x, W13, **kw), atol, rtol, FLOOR[dtype], f"norm+w13+swiglu {what}")
+    check_2x(out, ref, fo.fused_linear_torch(x, W13, **kw), atol, rtol, FLOOR[dtype], f"norm+w13+swiglu {what}")
 
     x2, W2 = r(M, I), r(d, I, scale=I ** -0.5)
     for N_cfg in (d, 4096):  # the table's narrow (d = 1536) and wide (N >= 4096) entries
         out = FL.fused_linear(x2, W2, residual=res, config=FL.gpu_config(M, N_cfg, I, elt=elt))
         ref = fo.fused_linear_torch(x2.double(), W2.double(), residual=res.double())
-        _check(out, ref, fo.fused_linear_torch(x2, W2, residual=res), atol, rtol, FLOOR[dtype], f"w2+res {what}")
+        check_2x(out, ref, fo.fused_linear_torch(x2, W2, residual=res), atol, rtol, FLOOR[dtype], f"w2+res {what}")
 
     Wl = r(V, K, scale=K ** -0.5)
     ids = FL.lm_head_argmax(x, Wl, nw, 1e-6, config=FL.gpu_config(M, V, K, argmax=True, elt=elt))
@@ -346,7 +336,7 @@ def test_gpu_table_configs(M, dtype_tol, seed):
     p = pos.long()
     for name, o, rf, b in (("q", q, qr, qb), ("k", k_cache[rows, p], kr[rows, p], kb[rows, p]),
                            ("v", v_cache[rows, p], vr[rows, p], vb[rows, p])):
-        _check(o, rf, b, atol, rtol, FLOOR[dtype], f"qkv_rope {name} {what}")
+        check_2x(o, rf, b, atol, rtol, FLOOR[dtype], f"qkv_rope {name} {what}")
     untouched = torch.ones(Bc, S, dtype=torch.bool, device=DEVICE)
     untouched[rows, p] = False
     assert torch.equal(k_cache[untouched], k0[untouched]) and torch.equal(v_cache[untouched], v0[untouched])

@@ -24,18 +24,8 @@ import steerfast.ops as ops
 from steerfast import backend as _backend
 from steerfast.errors import BackendUnavailableError
 
-from backends import BACKENDS, DEVICE, DTYPES, FLOOR, GPU as _gpu, HAS_CUDA, TRITON_SKIP
+from backends import BACKENDS, DEVICE, DTYPES, FLOOR, GPU as _gpu, HAS_CUDA, TRITON_SKIP, check_2x
 
-
-
-def _check(out, ref, base, atol, rtol, floor, what):
-    """out (implementation) and base (plain torch in the same dtype) against the float64 ref."""
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    err = (out.double() - ref).abs().max().item() if out.numel() else 0.0
-    base_err = (base.double() - ref).abs().max().item() if out.numel() else 0.0
-    assert err <= 2 * base_err + floor, (
-        f"{what}: max error {err:.3g} > 2 x same-dtype torch error {base_err:.3g} + {floor:g}")
-    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
 def _attention_has_cuda_kernel() -> bool:
@@ -139,7 +129,7 @@ def test_decode_attention(shape, dtype_tol, backend, seed):
     assert out.dtype == dtype and out.shape == (B, H, D)
     ref = attention_ref(q, k_cache, v_cache, seq_lens, scale, torch.float64)
     base = attention_ref(q, k_cache, v_cache, seq_lens, scale, dtype)
-    _check(out, ref, base, atol, rtol, FLOOR[dtype],
+    check_2x(out, ref, base, atol, rtol, FLOOR[dtype],
            f"decode_attention[{backend}] seq_lens={seq_lens.tolist()} seed={seed}")
 
 
@@ -171,7 +161,7 @@ def test_decode_attention_with_prefix_rows(num_splits, dtype_tol, backend, seed)
                                    prefix_rows=prefix_rows, prefix_lens=prefix_lens)
     ref = attention_ref(q, k_seen, v_seen, seq_lens, scale, torch.float64)
     base = attention_ref(q, k_seen, v_seen, seq_lens, scale, dtype)
-    _check(out, ref, base, atol, rtol, FLOOR[dtype], f"prefix decode_attention[{backend}] seed={seed}")
+    check_2x(out, ref, base, atol, rtol, FLOOR[dtype], f"prefix decode_attention[{backend}] seed={seed}")
 
 
 @pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
@@ -187,7 +177,7 @@ def test_decode_attention_triton_splits(num_splits, seed):
     out = decode_attention(q, k_cache, v_cache, seq_lens, 0.3, num_splits=num_splits)
     ref = attention_ref(q, k_cache, v_cache, seq_lens, 0.3, torch.float64)
     base = attention_ref(q, k_cache, v_cache, seq_lens, 0.3, torch.float32)
-    _check(out, ref, base, 1e-5, 1e-5, FLOOR[torch.float32], f"num_splits={num_splits} seed={seed}")
+    check_2x(out, ref, base, 1e-5, 1e-5, FLOOR[torch.float32], f"num_splits={num_splits} seed={seed}")
 
 
 @pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
@@ -272,7 +262,7 @@ def test_steer_add(shape, dtype_tol, backend, seed):
     if B > 1:
         assert idx[0] < 0 and torch.equal(h[0], h0[0]), f"{what}: the row with idx < 0 changed"
     assert gate.any(), "the inputs must steer at least one row"
-    _check(h, ref, base, atol, rtol, FLOOR[dtype], what)
+    check_2x(h, ref, base, atol, rtol, FLOOR[dtype], what)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -310,7 +300,7 @@ def test_steer_residual_add(shape, dtype_tol, backend, seed):
     assert out.dtype == dtype and out.shape == x.shape
     assert torch.equal(x, x0) and torch.equal(y, y0), f"{what}: an input changed"
     assert torch.equal(out[~gate], s[~gate]), f"{what}: an unsteered row is not exactly x + y"
-    _check(out, ref, base, atol, rtol, FLOOR[dtype], what)
+    check_2x(out, ref, base, atol, rtol, FLOOR[dtype], what)
 
 
 # ---------------------------------------------------------------- dispatch
