@@ -205,28 +205,27 @@ class Model:
                                 reset=lambda: (s.pos.zero_(), s.seq_lens.fill_(1), s.step.zero_()))
         return self.graphs.get(key)
 
-    def forward_step(self, tok: torch.Tensor, pos: torch.Tensor, kv_len: int, capture_layer: int | None = None):
+    def forward_step(self, tok: torch.Tensor, pos: torch.Tensor, capture_layer: int | None = None):
         """One token per row: tok [B] int64 at positions pos [B] int32 -> (last logits [B, V], the
         output of `capture_layer` [B, d] or None). Replays a CUDA graph per batch bucket on the GPU
-        path (kv_len, the host's bound on the positions, is then not needed). Used by the hybrid.
-        Bucket padding rows write position 0 of cache rows B..bucket-1: callers own those rows."""
-        B = tok.shape[0]
-        if self.eager:
+        path. Used by the hybrid. Bucket padding rows write position 0 of cache rows B..bucket-1:
+        callers own those rows."""
+        def run(tok, pos):
             cap = Capture(capture_layer)
-            ctx = Context(input_pos=pos[:, None], kv_len=kv_len, edits=() if capture_layer is None else (cap,))
-            logits = self.net(tok[:, None], ctx)[:, 0]
+            edits = () if capture_layer is None else (cap,)
+            logits = self.net(tok[:, None], Context(input_pos=pos[:, None], edits=edits))[:, 0]
             return logits, None if capture_layer is None else cap.value[:, 0]
-        Bb = bucket_for(B)
+
+        if self.eager:
+            return run(tok, pos)
+        B, Bb = tok.shape[0], bucket_for(tok.shape[0])
         key = ("step", Bb, capture_layer)
         if key not in self.graphs:
             bufs = dict(tok=torch.zeros(Bb, dtype=torch.int64, device=self.device),
                         pos=torch.zeros(Bb, dtype=torch.int32, device=self.device))
 
             def step():
-                cap = Capture(capture_layer)
-                ctx = Context(input_pos=bufs["pos"][:, None], edits=() if capture_layer is None else (cap,))
-                bufs["logits"] = self.net(bufs["tok"][:, None], ctx)[:, 0]
-                bufs["captured"] = None if capture_layer is None else cap.value[:, 0]
+                bufs["logits"], bufs["captured"] = run(bufs["tok"], bufs["pos"])
             self.graphs.capture(key, step, bufs)
         g, bufs = self.graphs.get(key)
         bufs["tok"].zero_()[:B] = tok

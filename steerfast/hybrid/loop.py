@@ -269,12 +269,12 @@ class Hybrid:
         """Append the step's tokens to both sequences; the next step's logits and thinking residual."""
         base, think, B = self.base, self.thinking, run.B
         pos_b = torch.tensor(run.Lb, dtype=torch.int32, device=base.device)
-        logits_b, cap = base.forward_step(tok, pos_b, max(run.Lb) + 1, self.steer_layer)  # a graph on the GPU
+        logits_b, cap = base.forward_step(tok, pos_b, self.steer_layer)  # a graph on the GPU
         run.residual[torch.arange(B, device=base.device), pos_b.long()] = cap
         if self.tokenizers is None:  # same vocabulary: one token each, the graphed step
             new_t = [[t] for t in toks]
             pos_t = torch.tensor(run.Lt, dtype=torch.int32, device=think.device)
-            logits_t, a = think.forward_step(tok.to(think.device), pos_t, max(run.Lt) + 1, self.sae_layer)
+            logits_t, a = think.forward_step(tok.to(think.device), pos_t, self.sae_layer)
         else:
             new_t = [self._retokenize(t) for t in toks]
             width = max(map(len, new_t))  # _feed pads every row to this many positions
