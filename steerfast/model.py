@@ -4,7 +4,7 @@ gpt-fast's shape: full-size KV buffers allocated once, one indexed write per ste
 gate/up each fused into one matmul so every weight is read once per step. Everything a step needs
 beyond the tokens (positions, steering, which hidden state to keep) rides in one `Context`.
 
-One token per row (decode) takes `DecoderLayer.decode`: six fused kernels a layer (fused_ops:
+One token per row (decode) takes `decode_layer`: six fused kernels a layer (fused_ops:
 RMSNorm + QKV + bias + RoPE + KV write; split-KV attention and its combine; output projection +
 residual; RMSNorm + gate/up + SiLU*up; down projection + residual + steering), with the per-step
 invariants (cache rows, attention lengths) computed once, not per layer. Several tokens per row
@@ -123,14 +123,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+        return fused_ops.rms_norm_torch(x, self.weight, self.eps)  # the one definition of its numerics
 
 
 class Attention(nn.Module):
@@ -146,8 +139,8 @@ class Attention(nn.Module):
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.wqkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
         q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q = q * cos + fused_ops.rotate_half(q) * sin
+        k = k * cos + fused_ops.rotate_half(k) * sin
         rows = torch.arange(B, device=x.device) if ctx.rows is None else ctx.rows
         k_cache[rows[:, None], ctx.input_pos] = k
         v_cache[rows[:, None], ctx.input_pos] = v
@@ -234,9 +227,12 @@ class Transformer(nn.Module):
         self.register_buffer("cos_table", emb.cos().to(p.dtype).to(p.device), persistent=False)
         self.register_buffer("sin_table", emb.sin().to(p.dtype).to(p.device), persistent=False)
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
     def lm_head(self, x):
-        w = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(x, w)
+        return F.linear(x, self.head_weight)
 
     def forward(self, idx: torch.Tensor, ctx: Context, head: str = "logits", start_layer: int = 0) -> torch.Tensor:
         """idx [B, T] at positions ctx.input_pos [B, T] -> logits [B, V] (at ctx.logits_index) or
@@ -281,7 +277,6 @@ class Transformer(nn.Module):
         """x [B, d] after the last layer -> greedy ids [B] (head="argmax", no [B, V] logits in memory)
         or logits [B, V] (flat) / [B, 1, V]."""
         if head == "argmax":
-            w = self.tok_embeddings.weight if self.output is None else self.output.weight
-            return fused_ops.lm_head_argmax(x, w, self.norm.weight, self.norm.eps)
+            return fused_ops.lm_head_argmax(x, self.head_weight, self.norm.weight, self.norm.eps)
         logits = self.lm_head(self.norm(x))
         return logits if flat else logits[:, None]
