@@ -88,9 +88,9 @@ def fast_step(h: StepSettings, s: StepState) -> None:
     pos = s.pos_b.repeat(nc + 1)[:, None]  # [(nc+1)*Bb, 1]
     xs = x.repeat(nc + 1, 1)  # [(nc+1)*Bb, d]
     ops.steer_add_(xs[Bb:, None], pos[Bb:], s.zeros, h.vectors, cat.to(torch.int32).repeat(nc), s.coef_rows, h.bias)
-    ctx_c = Context(input_pos=pos, rows=s.rows, prefix_rows=s.prefix_rows, prefix_lens=s.pos_b.repeat(nc + 1))
-    logits = base.decode_head(base.decode_layers(xs, ctx_c, la, len(base.layers)))  # [(nc+1)*Bb, V]
-    y = logits.argmax(-1).view(nc + 1, Bb).T  # [Bb, nc+1]
+    ctx_c = Context(input_pos=pos, rows=s.rows, prefix_rows=s.prefix_rows, prefix_lens=pos[:, 0])
+    y = base.decode_head(base.decode_layers(xs, ctx_c, la, len(base.layers)), "argmax")  # [(nc+1)*Bb]
+    y = y.view(nc + 1, Bb).T  # [Bb, nc+1]
     y0, y_c = y[:, 0], y[:, 1:]
     if h.gate == "thinking":
         gate = logits_t.argmax(-1).to(dev) != y0
