@@ -31,6 +31,7 @@ def _controller(d_think, d_base, n_latents=5, normalize=False):
 
 CASES = [  # base family, thinking family, windows, sae_layer, steer_layer, normalize
     ("llama", "qwen2", [0, -1, -3], 2, 1, False),
+    ("llama", "llama", [0, -1, -15, -50, -100], 1, 0, False),  # the paper's windows: -50, -100 reach the prompt
     ("qwen2", "llama", [-1], 3, 0, True),
     ("qwen2", "qwen2", [-3, 0], 0, 2, False),  # steer_layer is the base's last layer: no layers re-run
 ]
@@ -45,7 +46,8 @@ def test_hybrid_equals_the_papers_loop(case):
     base = sf.load_model(hf_b, device="cpu", dtype=torch.float64)
     think = sf.load_model(hf_t, device="cpu", dtype=torch.float64)
     h = sf.Hybrid(base, think, sae, vectors, bias, sae_layer=sae_layer, steer_layer=steer_layer,
-                  coefs=coefs, windows=windows, scratch_rows=4)  # small: the candidates go in several chunks
+                  coefs=coefs, windows=windows, scratch_rows=4,  # small: the candidates go in several chunks
+                  max_packed_tokens=20)  # and so do long windows' positions
     base_prompts, think_prompts = random_prompts([6, 9, 4], VOCAB), random_prompts([8, 5, 7], VOCAB)
     res = h.generate(base_prompts, think_prompts, max_new_tokens=24, eos_token_id=None)
     for b in range(3):
@@ -156,6 +158,8 @@ def test_bad_hybrid_arguments():
         (errors.InvalidInputError, dict(windows=[1])),
         (errors.InvalidInputError, dict(coefs=[])),
         (errors.InvalidInputError, dict(gate="sometimes")),
+        (errors.InvalidInputError, dict(scratch_rows=0)),
+        (errors.InvalidInputError, dict(max_packed_tokens=2.5)),
         (errors.ShapeMismatchError, dict(cat_map=torch.tensor([0, 1, 2, 3, 9]))),
     ]
     for err, kw in bad:
@@ -166,6 +170,32 @@ def test_bad_hybrid_arguments():
         h.generate([[1, VOCAB]], [[1]], 4)
     with pytest.raises(errors.InvalidInputError, match="thinking prompts"):
         h.generate([[1, 2]], [[1], [2]], 4)
+
+
+def test_candidates_pack_windows_without_padding():
+    """Every position of every candidate window once (varlen, no padding), chunks within the
+    scratch rows and the token budget, each position after its window start and inside its sequence."""
+    from steerfast.hybrid.loop import _pack_candidates
+    g = torch.Generator().manual_seed(0)
+    rows, B = [0, 2, 3], 5
+    L = torch.randint(1, 40, (B,), generator=g).tolist()
+    grid = [(c, w) for c in (0.5, 1.0) for w in (0, -1, -15, -50)]
+    chunks = _pack_candidates(rows, [1, 0, 2, 4, 3], L, grid, B, scratch=3, max_tokens=30)
+    idx = torch.cat(chunks, 1)
+    cand, pos, scratch, seq, first, cat, j = idx
+    n = len(rows) * len(grid)
+    widths = [L[rows[c // len(grid)]] if grid[c % len(grid)][1] == 0 else min(L[rows[c // len(grid)]], -grid[c % len(grid)][1])
+              for c in range(n)]
+    assert idx.shape[1] == sum(widths)
+    assert torch.bincount(cand, minlength=n).tolist() == widths
+    assert (seq == torch.tensor(rows)[cand // len(grid)]).all() and (j == cand % len(grid)).all()
+    assert (cat == torch.tensor([1, 0, 2, 4, 3])[seq]).all()
+    assert ((first <= pos) & (pos < torch.tensor(L)[seq])).all()
+    for ch in chunks:
+        c = ch[0].unique()
+        assert len(c) <= 3 and (len(c) == 1 or ch.shape[1] <= 30)
+        assert ((ch[2] >= B) & (ch[2] < B + 3)).all()
+        assert len(ch[2].unique()) == len(c)  # one scratch row per candidate in a chunk
 
 
 def test_synthetic_gate_steers_a_fixed_share():

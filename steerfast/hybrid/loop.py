@@ -9,11 +9,12 @@ How it stays cheap:
   (the residual cache, d values a token), so a candidate re-runs only the later layers over its
   window; its keys/values go to a scratch row of the KV cache and its attention reads the prefix
   before the window straight from its sequence's row (Context.prefix_rows): nothing is copied;
-- all candidates of a window size run as one batch (extra rows), whatever their coefficient;
+- all candidates of a step, every coefficient and window, run as one packed batch: each window
+  position is one row of the fused decode path, no padding (_pack_candidates);
 - windows = [-1] with one vocabulary (the common case) runs each whole step on the device
   (step.py): candidates are extra rows of the same step, the choice is an argmax,
   no host sync, one CUDA graph per batch bucket on the GPU. Other windows use the host loop here,
-  with one device->host transfer per step and eager candidate re-runs on steered steps.
+  with one device->host transfer per step and the packed candidate re-run on steered steps.
 """
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ class Hybrid:
     def __init__(self, base: Model, thinking: Model, sae: TopKSAE, vectors: torch.Tensor, bias: torch.Tensor | None,
                  sae_layer: int, steer_layer: int, coefs: Sequence[float], windows: Sequence[int], *,
                  gate: str = "thinking", cat_map: torch.Tensor | None = None, threshold: float = float("-inf"),
-                 tokenizers: tuple | None = None, scratch_rows: int = 64, fast: bool = True):
+                 tokenizers: tuple | None = None, scratch_rows: int = 64, max_packed_tokens: int = 8192,
+                 fast: bool = True):
         if not isinstance(base, Model) or not isinstance(thinking, Model):
             raise InvalidInputError("base and thinking must be steerfast Models (steerfast.load_model)")
         ab, at = base.args, thinking.args
@@ -82,6 +84,9 @@ class Hybrid:
             raise InvalidInputError(f"coefs must be a non-empty list of finite numbers, got {coefs!r}")
         if not windows or not all(isinstance(w, int) and w <= 0 for w in windows):
             raise InvalidInputError(f"windows must be a non-empty list of ints <= 0 (0: all, -n: last n), got {windows!r}")
+        for name, n in (("scratch_rows", scratch_rows), ("max_packed_tokens", max_packed_tokens)):
+            if not isinstance(n, int) or n < 1:
+                raise InvalidInputError(f"{name} must be an int >= 1, got {n!r}")
         if gate not in GATES and not (isinstance(gate, float) and 0 < gate <= 1):
             raise InvalidInputError(f"gate must be one of {GATES} or a float rate in (0, 1], got {gate!r}")
         if tokenizers is None and ab.vocab_size != at.vocab_size:
@@ -98,7 +103,8 @@ class Hybrid:
         self.cat_coef = torch.ones(vectors.shape[0], dtype=torch.float32, device=thinking.device)  # one per category
         self.sae_layer, self.steer_layer, self.coefs, self.windows = sae_layer, steer_layer, coefs, windows
         self.gate, self.threshold, self.tokenizers = gate, float(threshold), tokenizers
-        self.scratch_rows = scratch_rows
+        self.scratch_rows = scratch_rows  # candidates re-run at once (one base cache row each)
+        self.max_packed_tokens = max_packed_tokens  # positions re-run at once (activation memory)
         self.fast = fast  # windows == [-1] with one vocabulary: whole steps on the device (step.py)
         self.settings = StepSettings(base.net, thinking.net, thinking.device, self.sae, self.cat_map, self.threshold,
                                      self.cat_coef, self.vectors, self.bias, sae_layer, steer_layer, gate)
@@ -131,30 +137,31 @@ class Hybrid:
 
     def _candidates(self, rows: list[int], cats: list[int], L: list[int], residual: torch.Tensor,
                     grid: list[tuple[float, int]], B: int) -> torch.Tensor:
-        """Greedy base token of every (row, candidate) pair: [len(rows), len(grid)]."""
+        """Greedy base token of every (row, candidate) pair: [len(rows), len(grid)].
+
+        Every candidate of every steered row, whatever its window, goes into one packed batch (per
+        chunk of scratch rows): each position of each window is one row of the fused decode path,
+        so windows of different lengths pack with no padding (varlen, by cumulative offsets). The
+        positions of one candidate share a scratch cache row: each layer writes all their keys/values
+        before any of them attends, so position p sees the window's own keys up to p (causal) and
+        its sequence's unsteered prefix before the window in place (Context.prefix_rows)."""
         net, dev, la = self.base.net, self.base.device, self.steer_layer + 1
-        out = torch.empty(len(rows), len(grid), dtype=torch.int64, device=dev)
-        for w in sorted({w for _, w in grid}):
-            pairs = [(r, j) for r in range(len(rows)) for j, (_, gw) in enumerate(grid) if gw == w]
-            for s in range(0, len(pairs), self.scratch_rows):
-                chunk = pairs[s:s + self.scratch_rows]
-                src = torch.tensor([rows[r] for r, _ in chunk], device=dev)
-                lens = [L[rows[r]] for r, _ in chunk]
-                first = [0 if w == 0 else max(0, n - abs(w)) for n in lens]
-                width = max(n - f for n, f in zip(lens, first))
-                pos = torch.stack([torch.arange(f, f + width, dtype=torch.int32, device=dev) for f in first])
-                x = residual[src[:, None], pos.long().clamp(max=residual.shape[1] - 1)].contiguous()  # [n, width, d]
-                ops.steer_add_(x, pos, torch.tensor(first, dtype=torch.int32, device=dev), self.vectors,
-                               torch.tensor([cats[rows[r]] for r, _ in chunk], dtype=torch.int32, device=dev),
-                               torch.tensor([grid[j][0] for _, j in chunk], dtype=torch.float32, device=dev), self.bias)
-                last = torch.tensor([n - f - 1 for n, f in zip(lens, first)], device=dev)
-                # the window's keys/values go to scratch rows B.., the prefix is read from the sequence's row
-                ctx = Context(input_pos=pos, kv_len=max(f + width for f in first), logits_index=last,
-                              rows=torch.arange(B, B + len(chunk), device=dev), prefix_rows=src,
-                              prefix_lens=torch.tensor(first, dtype=torch.int32, device=dev))
-                toks = net(x, ctx, start_layer=la).argmax(-1)
-                out[[r for r, _ in chunk], [j for _, j in chunk]] = toks
-        return out
+        plan = _pack_candidates(rows, cats, L, grid, B, min(self.scratch_rows, net.kv.max_batch - B),
+                                self.max_packed_tokens)
+        coefs = torch.tensor([c for c, _ in grid], dtype=torch.float32, device=dev)
+        out = torch.empty(len(rows) * len(grid), dtype=torch.int64, device=dev)
+        for idx in plan:  # [7, T] int64 on the host: one transfer per chunk
+            cand, pos, scratch, seq, first, cat, coef_j = idx.to(dev).unbind(0)
+            last = torch.nonzero(torch.diff(cand, append=cand.new_full((1,), -1))).flatten()  # [n] end of each
+            x = residual[seq, pos].contiguous()  # [T, d]
+            pos32, first32 = pos.to(torch.int32), first.to(torch.int32)
+            ops.steer_add_(x[:, None], pos32[:, None], first32, self.vectors, cat.to(torch.int32), coefs[coef_j],
+                           self.bias)
+            ctx = Context(input_pos=pos32[:, None], rows=scratch, prefix_rows=seq, prefix_lens=first32,
+                          seq_lens=pos32 + 1)
+            x = net.decode_layers(x, ctx, la, len(net.layers))
+            out[cand[last]] = net.decode_head(x[last], "argmax")
+        return out.view(len(rows), len(grid))
 
     # ------------------------------------------------------------------ the device-side fast path
     def _fast_runner(self, Bb: int, n_eos: int, coefs: list[float]):
@@ -341,6 +348,38 @@ class _Run:
     @property
     def B(self) -> int:
         return len(self.base_prompts)
+
+
+def _pack_candidates(rows: list[int], cats: list[int], L: list[int], grid: list[tuple[float, int]], B: int,
+                     scratch: int, max_tokens: int) -> list[torch.Tensor]:
+    """The packed layout of one step's candidates (row r, grid entry j: candidate r * len(grid) + j),
+    in chunks of at most `scratch` candidates (one scratch cache row each) and about `max_tokens`
+    positions (at least one candidate). Per chunk an int64 [7, T] host tensor, one column per
+    position: candidate, position, scratch cache row, sequence row, window start, category, grid
+    entry. Built with vectorised host ops: one transfer per chunk, not one index tensor per window."""
+    assert scratch >= 1, "the base cache needs scratch rows past the batch"
+    ng = len(grid)
+    seq = torch.tensor(rows).repeat_interleave(ng)  # [n]
+    n_len = torch.tensor(L)[seq]
+    w = torch.tensor([abs(gw) for _, gw in grid]).repeat(len(rows))
+    first = torch.where(w == 0, 0, (n_len - w).clamp(min=0))
+    width = n_len - first
+    cat = torch.tensor(cats)[seq]
+    j = torch.arange(ng).repeat(len(rows))
+    chunks, start, ends = [], 0, width.cumsum(0).tolist()
+    while start < len(seq):
+        base = ends[start - 1] if start else 0
+        stop = start + 1
+        while stop < min(len(seq), start + scratch) and ends[stop] - base <= max_tokens:
+            stop += 1
+        c = torch.arange(start, stop)
+        wc = width[c]
+        cand = c.repeat_interleave(wc)
+        offset = torch.arange(int(wc.sum())) - (wc.cumsum(0) - wc).repeat_interleave(wc)
+        chunks.append(torch.stack([cand, first[cand] + offset, B + cand - start, seq[cand], first[cand], cat[cand],
+                                   j[cand]]))
+        start = stop
+    return chunks
 
 
 def _same_vocab(base_tok, think_tok) -> bool:
