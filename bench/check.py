@@ -128,7 +128,7 @@ def junit_failures(path: Path) -> list[dict]:
 
 
 def headlines(results: list[dict]) -> list[dict]:
-    """tok/s and % of the floor per preset and batch (decode), tok/s per configuration (hybrid)."""
+    """tok/s and % of the floor per preset and batch (decode), tok/s and % of its floor per configuration (hybrid)."""
     rows = []
     for rec in results:
         doc = rec.get("result") or {}
@@ -142,9 +142,10 @@ def headlines(results: list[dict]) -> list[dict]:
                                        f"{100 * r['fraction_of_floor']:.1f}% of floor"))
         elif doc.get("bench") == "hybrid":
             for r in doc.get("summary", []):
-                v = r.get("sf_tok_s")
+                v, pct = r.get("sf_tok_s"), r.get("pct_floor")
                 rows.append(dict(what=f"hybrid config {r.get('config')} batch {r.get('batch')} gate {r.get('gate')}",
-                                 value="error" if v is None else f"{v:.0f} tok/s"))
+                                 value="error" if not isinstance(v, float) else f"{v:.0f} tok/s" + (
+                                     "" if pct is None else f", {pct:.1f}% of floor")))
     return rows
 
 

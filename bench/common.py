@@ -107,6 +107,19 @@ def copy_bandwidth(device, nbytes: int | None = None, repeats: int = 10) -> dict
                 method="torch Tensor.copy_ between two uint8 device buffers; (read + written bytes) / best time")
 
 
+def matmul_peak(device, dtype: torch.dtype, n: int | None = None, repeats: int = 5) -> dict:
+    """Measured dense matmul throughput: best of `repeats` [n, n] @ [n, n] products in `dtype`
+    (n 8192 on a GPU, 256 on CPU), 2 n^3 FLOPs each: the compute side of a floor."""
+    device = torch.device(device)
+    n = n or (8192 if device.type == "cuda" else 256)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    times = [timed(lambda: a @ b, device)[1] for _ in range(repeats + 1)][1:]  # the first: cuBLAS warm-up
+    a = b = None
+    free_memory(device)
+    return dict(n=n, dtype=str(dtype).replace("torch.", ""), repeats=repeats, best_s=min(times),
+                flops_per_s=2 * n ** 3 / min(times), method="torch.matmul of two [n, n] random matrices; 2 n^3 / best")
+
+
 def free_memory(device=None) -> None:
     gc.collect()
     if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):

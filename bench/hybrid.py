@@ -29,20 +29,28 @@ Sections (--sections, default all):
              configuration (recorded as truncated; its per-token figures are over the steps it ran).
              Per-step times are recorded; at the synthetic gate the comparison takes the naive
              hybrid's time per token at steerfast's steered share from them.
-  paper      steerfast.hybrid.reference.paper_hybrid (the paper's loop: no KV cache, every forward from
-             scratch), one problem, --paper-new-tokens. t_unsteered: a run that never steers (gate
-             "controller" with threshold +inf: T, SAE and B each step, as an unsteered step of the
-             paper's loop); t_steered: a run with the thinking gate and the configuration's grid,
-             less its unsteered steps (share s: (run time / steps - (1 - s) t_unsteered) / s).
-             The paper's time per token at steerfast's share s: (1 - s) t_unsteered + s t_steered.
-  floor      the two-model bandwidth floor, unsteered: batch * copy bandwidth / (base + thinking
-             bytes read per decode step), each model's bytes from bench.decode.bytes_per_step
-             (weights + KV at its mean context, prompt + new_tokens / 2).
+  paper      the authors' loop against steerfast at each context in --contexts (default 200 and 1000
+             tokens on CUDA): both prompts that long, batch 1. steerfast.hybrid.reference.paper_hybrid
+             (the paper's loop: no KV cache, every forward from scratch), --paper-new-tokens per run.
+             t_unsteered: a run that never steers (gate "controller" with threshold +inf: T, SAE and B
+             each step, as an unsteered step of the paper's loop); t_steered: a run with the thinking
+             gate and the configuration's grid, less its unsteered steps (share s: (run time / steps -
+             (1 - s) t_unsteered) / s). The paper's time per token at steerfast's share s: (1 - s)
+             t_unsteered + s t_steered. steerfast: sf.Hybrid on the same prompts at the synthetic gate,
+             --context-new-tokens new tokens; the ratio is its tokens/s times that time per token.
+  floor      the floor a configuration's step can reach: both models' bytes per decode step at the
+             copy bandwidth (bench.decode.bytes_per_step: weights + KV at the mean context, prompt +
+             new_tokens / 2) plus, for the steered share s of the rows, the candidate re-runs' FLOPs
+             (candidate_flops) at the measured matmul peak (common.matmul_peak, the bench dtype):
+             floor tok/s = batch / (bytes / bandwidth + s * batch * FLOPs / peak).
 
 Speedups: steerfast tokens/s over the naive hybrid's (same configuration, batch, gate); and over the
-paper's loop on the same token mix (1 / the paper's time per token above: the paper's loop runs one
-problem at a time). Targets (printed ok/MISS on CUDA only): config a, batch 1, gate <rate>: >= 250
-tokens/s; config b, batch 1, gate <rate>: >= 100x the paper's loop.
+paper's loop on the same token mix (1 / the paper's time per token above, measured at the first of
+--contexts: the paper's loop runs one problem at a time); the contexts table gives the ratio at
+each context, steerfast at batch 1 on the same prompts.
+
+Targets (printed ok/MISS on CUDA only, at the synthetic gate): config a >= 50% of its floor at batch 1
+and >= 40% at 16; config b >= 40% at batches 1 and 16 and >= 20x the paper's loop at context 200.
 
 Robust unattended: every configuration in its own try/except, errors recorded in the JSON (written
 after every result), exit status 1 on any error; device memory freed between sections.
@@ -70,9 +78,11 @@ CONFIGS = {
 # defaults: (CUDA, CPU)
 DEFAULTS = dict(model=("qwen2.5-1.5b", "tiny"), batches=("1,16", "1,2"), base_prompt_len=(128, 8),
                 thinking_prompt_len=(150, 10), new_tokens=(128, 10), naive_new_tokens=(25, 10),
-                paper_new_tokens=(8, 3), naive_budget_s=(60.0, 0.0), warmup_tokens=(10, 10), copy_mib=(1024, 64))
-TARGET_TOK_S = dict(config="a", batch=1, min_tokens_per_s=250.0)
-TARGET_VS_PAPER = dict(config="b", batch=1, min_speedup=100.0)
+                paper_new_tokens=(8, 3), naive_budget_s=(60.0, 0.0), warmup_tokens=(10, 10), copy_mib=(1024, 64),
+                contexts=("200,1000", "16,48"), context_new_tokens=(32, 9))
+# project issue 12's bar (H100/H200, bf16, Qwen2.5-1.5B shapes, synthetic gate 0.12)
+TARGET_PCT_FLOOR = (("a", 1, 50.0), ("a", 16, 40.0), ("b", 1, 40.0), ("b", 16, 40.0))  # config, batch, % floor
+TARGET_VS_PAPER = ("b", 200, 20.0)  # config, context, x the paper's loop
 
 COLUMNS = [
     ("config", "cfg"), ("batch", "batch"), ("gate", "gate"),
@@ -81,6 +91,9 @@ COLUMNS = [
     ("paper_tok_s", "paper tok/s"), ("vs_paper", "vs paper"),
     ("floor_tok_s", "floor tok/s"), ("pct_floor", "% floor"),
 ]
+
+CONTEXT_COLUMNS = [("config", "cfg"), ("context", "context"), ("sf_tok_s", "sf tok/s"), ("sf_share", "steered %"),
+                   ("paper_tok_s", "paper tok/s"), ("vs_paper", "vs paper")]
 
 NOTES = dict(
     tokens_per_s="batch * steps / wall time of one call (device synchronised before and after), prefill "
@@ -98,17 +111,22 @@ NOTES = dict(
              "(every row steers on the same steps) the naive tokens/s is taken at steerfast's steered share "
              "s: batch / ((1 - s) t_unsteered_step + s t_steered_step) from its per-step times "
              "(summary naive_basis says which), so a truncated or shorter naive run compares on the same mix",
-    paper="steerfast.hybrid.reference.paper_hybrid on the first batch-1 prompt pair: t_unsteered from a run "
-          "that never steers (gate='controller', threshold=+inf), t_steered from a thinking-gate run with "
-          "the configuration's grid, less its unsteered steps. Its context (prompt + paper_new_tokens) is "
-          "shorter than steerfast's, which flatters the paper's loop (its cost grows with the context)",
+    paper="steerfast.hybrid.reference.paper_hybrid, batch 1, both prompts `context` tokens long: t_unsteered "
+          "from a run that never steers (gate='controller', threshold=+inf), t_steered from a thinking-gate "
+          "run with the configuration's grid, less its unsteered steps. Its cost grows with the context; "
+          "the main table compares at the first context",
+    contexts="per configuration and context: steerfast (sf.Hybrid, batch 1, synthetic gate, the same prompts "
+             "as the paper's loop, context_new_tokens new tokens after a warm-up) against the paper's loop at "
+             "steerfast's steered share: vs_paper = sf tokens/s * paper time per token",
     vs_paper="steerfast tokens/s / (1 / paper time per token), paper time per token = (1 - s) t_unsteered "
              "+ s t_steered at steerfast's measured steered share s (at the 0.12 gate, s is ~0.12; the "
              "paper's loop runs one problem at a time, so at batch > 1 this also counts batching)",
-    floor="unsteered two-model floor: batch * copy bandwidth / (base + thinking bytes per decode step); "
-          "bench.decode.bytes_per_step per model (weights read + KV at its mean context "
-          "prompt_len + new_tokens / 2). Candidate re-runs are not counted: % floor below 100 is the "
-          "share of the bandwidth bound reached, including the cost of steering",
+    floor="per configuration and batch: batch / (bytes / copy bandwidth + s * batch * candidate FLOPs / "
+          "matmul peak); bytes: base + thinking bytes per decode step (bench.decode.bytes_per_step: weights "
+          "read + KV at the mean context prompt_len + new_tokens / 2); s: the row's steered share; "
+          "candidate FLOPs: one steered row's re-runs (candidate_flops: 2 * upper-layer matmul params per "
+          "window position, 4 * heads * head_dim per attended key per upper layer, 2 * LM-head params per "
+          "candidate) at that mean context",
     errors="a configuration that raised is recorded with `error` (and `traceback`) and the run goes on; "
            "exit status 1",
 )
@@ -129,6 +147,10 @@ def add_arguments(p) -> None:
     p.add_argument("--naive-budget-s", type=float, default=None,
                    help=f"stop a naive run after this many seconds, 0: never ({d('naive_budget_s')})")
     p.add_argument("--paper-new-tokens", type=int, default=None, help=d("paper_new_tokens"))
+    p.add_argument("--contexts", type=common.int_list, default=None,
+                   help=f"prompt lengths the paper's loop and steerfast are compared at ({d('contexts')})")
+    p.add_argument("--context-new-tokens", type=int, default=None,
+                   help=f"steerfast's new tokens at each context ({d('context_new_tokens')})")
     p.add_argument("--warmup-tokens", type=int, default=None,
                    help=f"steerfast warm-up call's new tokens ({d('warmup_tokens')}; >= 9 steers once at 0.12)")
     p.add_argument("--rate", type=float, default=0.12, help="the synthetic gate's steered share (default 0.12)")
@@ -163,6 +185,8 @@ def settings(args, device: torch.device) -> dict:
              naive_budget_s=pick(args.naive_budget_s, "naive_budget_s"),
              paper_new_tokens=pick(args.paper_new_tokens, "paper_new_tokens"),
              warmup_tokens=pick(args.warmup_tokens, "warmup_tokens"),
+             contexts=args.contexts or common.int_list(DEFAULTS["contexts"][i]),
+             context_new_tokens=pick(args.context_new_tokens, "context_new_tokens"),
              rate=args.rate, latents=args.latents, seed=args.seed,
              sae_layer=args.sae_layer if args.sae_layer is not None else min(18, n_layers - 1),
              steer_layer=args.steer_layer if args.steer_layer is not None else (
@@ -177,7 +201,8 @@ def settings(args, device: torch.device) -> dict:
     if not 0 < s["rate"] <= 1:
         raise SystemExit("error: --rate must be in (0, 1]")
     if min(s["batches"]) < 1 or min(s["base_prompt_len"], s["thinking_prompt_len"], s["new_tokens"],
-                                     s["naive_new_tokens"], s["paper_new_tokens"], s["warmup_tokens"]) < 1:
+                                     s["naive_new_tokens"], s["paper_new_tokens"], s["warmup_tokens"],
+                                     s["context_new_tokens"], *s["contexts"]) < 1:
         raise SystemExit("error: batches, prompt lengths and token counts must be >= 1")
     if not (0 <= s["sae_layer"] < n_layers and 0 <= s["steer_layer"] < n_layers):
         raise SystemExit(f"error: --sae-layer / --steer-layer must be in [0, {n_layers})")
@@ -233,7 +258,7 @@ def bench_naive(hf_b, hf_t, ctl, s, cfg, bp, tp, gate, device) -> dict:
                 t_unsteered_step_s=t_u, t_steered_step_s=t_s, step_s=r["step_s"], step_steered=r["step_steered"])
 
 
-def bench_paper(hf_b, hf_t, ctl, s, cfg, bp, tp, unsteered: dict | None) -> dict:
+def bench_paper(hf_b, hf_t, ctl, s, cfg, bp: list[int], tp: list[int], unsteered: dict | None) -> dict:
     from steerfast.hybrid.reference import paper_hybrid
 
     sae, vectors, bias = ctl
@@ -261,22 +286,51 @@ def paper_s_per_token(p: dict | None, share: float | None) -> float | None:
     return (1 - share) * p["t_unsteered_s"] + share * p["t_steered_s"]
 
 
-def bench_floor(base, think, s, batch: int, bw: dict) -> dict:
+def candidate_flops(net, steer_layer: int, cfg: dict, context: int) -> float:
+    """FLOPs of one steered row's candidate re-runs at `context` tokens: every (coefficient, window)
+    candidate runs layers steer_layer+1.. over its window's t positions (2 FLOPs per matmul weight
+    per position; attention 4 * heads * head_dim per attended key, position p attending p + 1 keys)
+    and the LM head at its last position."""
+    a, upper = net.args, net.layers[steer_layer + 1:]
+    params = sum(p.numel() for layer in upper for p in layer.parameters() if p.dim() == 2)
+    per_key = 4 * a.n_heads * a.head_dim * len(upper)
+    total = 0.0
+    for w in cfg["windows"]:
+        t = context if w == 0 else min(-w, context)
+        keys = t * context - t * (t - 1) / 2  # positions context - t .. context - 1
+        total += 2 * t * params + per_key * keys + 2 * net.head_weight.numel()
+    return total * len(cfg["coefs"])
+
+
+def bench_floor(base, think, s, batch: int, bw: dict, peak: dict) -> dict:
     from .decode import bytes_per_step
 
     N = s["new_tokens"]
     bb = bytes_per_step(base, batch, s["base_prompt_len"] + N / 2)
     bt = bytes_per_step(think, batch, s["thinking_prompt_len"] + N / 2)
     total = bb["total"] + bt["total"]
+    ctx = round(s["base_prompt_len"] + N / 2)
+    flops = {name: candidate_flops(base.net, s["steer_layer"], cfg, ctx) for name, cfg in s["configs"].items()}
     return dict(batch=batch, base_bytes_per_step=bb, thinking_bytes_per_step=bt, total_bytes_per_step=total,
-                bandwidth_bytes_per_s=bw["bytes_per_s"], tokens_per_s=batch * bw["bytes_per_s"] / total,
-                ms_per_token=1e3 * total / bw["bytes_per_s"])
+                bandwidth_bytes_per_s=bw["bytes_per_s"], matmul_flops_per_s=peak["flops_per_s"],
+                candidate_context=ctx, candidate_flops_per_steered_row=flops,
+                unsteered_tokens_per_s=batch * bw["bytes_per_s"] / total,
+                unsteered_ms_per_token=1e3 * total / bw["bytes_per_s"])
+
+
+def floor_tokens_per_s(fl: dict | None, cfg: str, share: float | None) -> float | None:
+    """batch / (bytes / bandwidth + share * batch * candidate FLOPs / peak): the configuration's floor."""
+    if not fl or share is None:
+        return None
+    t = (fl["total_bytes_per_step"] / fl["bandwidth_bytes_per_s"]
+         + share * fl["batch"] * fl["candidate_flops_per_steered_row"][cfg] / fl["matmul_flops_per_s"])
+    return fl["batch"] / t
 
 
 # ---------------------------------------------------------------- summary, targets, table
-def summarize(doc: dict, s: dict, cuda: bool) -> tuple[list[dict], list[dict]]:
+def summarize(doc: dict, s: dict) -> list[dict]:
     res = {(r["impl"], r["config"], r["batch"], r["gate"]): r for r in doc["results"]}
-    paper = {p["config"]: p for p in doc["paper"]}
+    paper = {p["config"]: p for p in doc["paper"] if p.get("context") == s["contexts"][0]}
     floor = {f["batch"]: f for f in doc["floor"] if "error" not in f}
     rows = []
     for cfg in s["configs"]:
@@ -294,7 +348,7 @@ def summarize(doc: dict, s: dict, cuda: bool) -> tuple[list[dict], list[dict]]:
                     nv_tps = batch / ((1 - share) * nv["t_unsteered_step_s"] + share * nv["t_steered_step_s"])
                     nv_basis = "mix at steerfast's share"
                 pt = paper_s_per_token(paper.get(cfg), share)
-                fl = floor.get(batch)
+                fl_tps = floor_tokens_per_s(floor.get(batch), cfg, share)
                 rows.append(dict(
                     config=cfg, batch=batch, gate=gate,
                     sf_tok_s="error" if sfr.get("error") else sf_tps,
@@ -305,19 +359,22 @@ def summarize(doc: dict, s: dict, cuda: bool) -> tuple[list[dict], list[dict]]:
                     vs_naive=sf_tps / nv_tps if sf_tps and nv_tps else None,
                     paper_s_per_token=pt, paper_tok_s=1 / pt if pt else None,
                     vs_paper=sf_tps * pt if sf_tps and pt else None,
-                    floor_tok_s=fl["tokens_per_s"] if fl else None,
-                    pct_floor=100 * sf_tps / fl["tokens_per_s"] if sf_tps and fl else None))
-    targets = []
+                    floor_tok_s=fl_tps, pct_floor=100 * sf_tps / fl_tps if sf_tps and fl_tps else None))
+    return rows
+
+
+def check_targets(rows: list[dict], contexts: list[dict], s: dict, cuda: bool) -> list[dict]:
+    """Project issue 12's bar, at the synthetic gate: % of the floor per configuration and batch, and
+    the paper's grid against the paper's loop at context 200 (checked on CUDA only)."""
     rate = gate_name(s["rate"])
-    for t, key, thr, what in ((TARGET_TOK_S, "sf_tok_s", TARGET_TOK_S["min_tokens_per_s"], "tokens/s"),
-                              (TARGET_VS_PAPER, "vs_paper", TARGET_VS_PAPER["min_speedup"], "x the paper's loop")):
-        row = next((r for r in rows if r["config"] == t["config"] and r["batch"] == t["batch"] and r["gate"] == rate),
-                   None)
-        v = row and row[key]
-        v = v if isinstance(v, float) else None
-        targets.append(dict(target=f"config {t['config']}, batch {t['batch']}, gate {rate}: >= {thr:g} {what}",
-                            value=v, threshold=thr, met=None if v is None else v >= thr, checked=cuda))
-    return rows, targets
+    found = [(f"config {c}, batch {b}, gate {rate}: >= {thr:g}% of its floor", thr,
+              next((r["pct_floor"] for r in rows if (r["config"], r["batch"], r["gate"]) == (c, b, rate)), None))
+             for c, b, thr in TARGET_PCT_FLOOR]
+    c, ctx, thr = TARGET_VS_PAPER
+    found.append((f"config {c}, batch 1, gate {rate}, context {ctx}: >= {thr:g}x the paper's loop", thr,
+                  next((r["vs_paper"] for r in contexts if (r["config"], r["context"]) == (c, ctx)), None)))
+    return [dict(target=what, value=v if isinstance(v, float) else None, threshold=thr,
+                 met=v >= thr if isinstance(v, float) else None, checked=cuda) for what, thr, v in found]
 
 
 # ---------------------------------------------------------------- sections (one function each)
@@ -366,10 +423,11 @@ def section_steerfast(run: _Sections, base, think) -> None:
     bar.close()
 
 
-def section_floor(run: _Sections, base, think, bw: dict) -> None:
+def section_floor(run: _Sections, base, think, bw: dict, peak: dict) -> None:
+    run.doc["matmul_peak"] = peak
     for B in run.s["batches"]:
         try:
-            run.doc["floor"].append(bench_floor(base, think, run.s, B, bw))
+            run.doc["floor"].append(bench_floor(base, think, run.s, B, bw, peak))
         except Exception as e:  # noqa: BLE001
             run.doc["floor"].append(dict(batch=B, **common.error_record(e)))
     run.save()
@@ -400,32 +458,67 @@ def section_naive(run: _Sections, hf_b, hf_t) -> None:
                 run.record(rec, f"config {cfg_name} batch {B} gate {gate_name(gate)}")
 
 
-def section_paper(run: _Sections, hf_b, hf_t) -> None:
-    """The paper's loop, one problem, per configuration (its unsteered time measured once)."""
+def section_paper(run: _Sections, base, think, hf_b, hf_t) -> None:
+    """At each context: steerfast at batch 1 and the paper's loop (its unsteered time measured once
+    per context) per configuration, on the same prompts."""
+    import steerfast as sf
     from steerfast.hybrid.reference import paper_hybrid
 
     s = run.s
-    print("\n[paper: steerfast.hybrid.reference.paper_hybrid, no KV cache, batch 1]", flush=True)
-    bp, tp = run.prompts[s["batches"][0]][0][0], run.prompts[s["batches"][0]][1][0]
-    unsteered = None
+    print("\n[paper: steerfast.hybrid.reference.paper_hybrid (no KV cache) vs steerfast, batch 1]", flush=True)
     try:
-        paper_hybrid(hf_b, hf_t, *run.ctl, s["sae_layer"], s["steer_layer"], [1.0], [-1], bp, tp, 1)  # warm-up
+        paper_hybrid(hf_b, hf_t, *run.ctl, s["sae_layer"], s["steer_layer"], [1.0], [-1], [1, 2], [1, 2], 1)  # warm-up
     except Exception as e:  # noqa: BLE001
         print(f"  warm-up failed: {type(e).__name__}: {e}")
-    for cfg_name, cfg in s["configs"].items():
-        try:
-            p = dict(config=cfg_name, **bench_paper(hf_b, hf_t, run.ctl, s, cfg, bp, tp, unsteered))
-            unsteered = p["unsteered"]
-            print(f"  config {cfg_name}: unsteered {1e3 * p['t_unsteered_s']:.1f} ms/token, steered "
-                  f"{common.fmt(None if p['t_steered_s'] is None else 1e3 * p['t_steered_s'])} ms/token "
-                  f"({p['grid_size']} candidates, share {p['steered_run']['steered_share']:.2f} in its run)",
-                  flush=True)
-        except Exception as e:  # noqa: BLE001
-            p = dict(config=cfg_name, **common.error_record(e))
-            print(f"  config {cfg_name}: ERROR {p['error']}", flush=True)
-        run.doc["paper"].append(p)
-        common.free_memory(run.device)
-        run.save()
+    V = base.args.vocab_size
+    for C in s["contexts"]:
+        bp, tp = make_prompts(1, C, V, 7000 + C)[0], make_prompts(1, C, V, 8000 + C)[0]
+        unsteered = None
+        for cfg_name, cfg in s["configs"].items():
+            key = dict(config=cfg_name, context=C)
+            h = None
+            try:
+                sae, vectors, bias = run.ctl
+                h = sf.Hybrid(base, think, sae, vectors, bias, sae_layer=s["sae_layer"], steer_layer=s["steer_layer"],
+                              coefs=cfg["coefs"], windows=cfg["windows"], gate=s["rate"])
+                rec = dict(key, impl="steerfast-context", batch=1, gate=gate_name(s["rate"]),
+                           **bench_steerfast(h, [bp], [tp], s["context_new_tokens"], s["warmup_tokens"], run.device))
+            except Exception as e:  # noqa: BLE001
+                rec = dict(key, impl="steerfast-context", batch=1, gate=gate_name(s["rate"]), **common.error_record(e))
+            finally:
+                h = None
+                for m in (base, think):
+                    m.release()
+                common.free_memory(run.device)
+            run.record(rec, f"steerfast config {cfg_name} context {C}")
+            try:
+                p = dict(key, **bench_paper(hf_b, hf_t, run.ctl, s, cfg, bp, tp, unsteered))
+                unsteered = p["unsteered"]
+                print(f"  paper config {cfg_name} context {C}: unsteered {1e3 * p['t_unsteered_s']:.1f} ms/token, "
+                      f"steered {common.fmt(None if p['t_steered_s'] is None else 1e3 * p['t_steered_s'])} ms/token "
+                      f"({p['grid_size']} candidates, share {p['steered_run']['steered_share']:.2f} in its run)",
+                      flush=True)
+            except Exception as e:  # noqa: BLE001
+                p = dict(key, **common.error_record(e))
+                print(f"  paper config {cfg_name} context {C}: ERROR {p['error']}", flush=True)
+            run.doc["paper"].append(p)
+            common.free_memory(run.device)
+            run.save()
+
+
+def contexts_table(doc: dict, s: dict) -> list[dict]:
+    """steerfast (batch 1) over the paper's loop at each context, on the same token mix."""
+    sf_runs = {(r["config"], r["context"]): r for r in doc["results"] if r["impl"] == "steerfast-context"}
+    rows = []
+    for p in doc["paper"]:
+        r = sf_runs.get((p["config"], p["context"]), {})
+        share = r.get("steered_share")
+        pt = paper_s_per_token(p, share)
+        tps = r.get("tokens_per_s")
+        rows.append(dict(config=p["config"], context=p["context"], sf_tok_s="error" if r.get("error") else tps,
+                         sf_share=None if share is None else 100 * share, paper_tok_s=1 / pt if pt else None,
+                         vs_paper=tps * pt if tps and pt else None))
+    return rows
 
 
 def run(args) -> int:
@@ -449,14 +542,16 @@ def run(args) -> int:
     print(f"copy bandwidth: {bw['bytes_per_s'] / 1e9:.1f} GB/s (read + write, {copy_mib} MiB copy, "
           f"best of {bw['repeats']})", flush=True)
     doc = dict(bench="hybrid", env=env, settings=s, copy_bandwidth=bw, notes=NOTES, models={}, results=[],
-               paper=[], floor=[], summary=[], targets=[], errors=[])
+               paper=[], floor=[], summary=[], contexts=[], targets=[], errors=[])
 
     def save():
-        doc["summary"], doc["targets"] = summarize(doc, s, cuda)
+        doc["summary"], doc["contexts"] = summarize(doc, s), contexts_table(doc, s)
+        doc["targets"] = check_targets(doc["summary"], doc["contexts"], s, cuda)
         common.write_json(args.out, doc)
 
     Pb, Pt = s["base_prompt_len"], s["thinking_prompt_len"]
-    max_len = max(Pb, Pt) + max(s["new_tokens"], s["naive_new_tokens"], s["paper_new_tokens"], s["warmup_tokens"]) + 8
+    max_len = max(Pb, Pt, *s["contexts"]) + max(s["new_tokens"], s["naive_new_tokens"], s["paper_new_tokens"],
+                                              s["warmup_tokens"], s["context_new_tokens"]) + 8
     try:
         t0 = time.perf_counter()
         hf_b = random_hf_model(s["model"], device, dtype, seed=s["seed"])
@@ -492,19 +587,22 @@ def run(args) -> int:
     if "steerfast" in s["sections"]:
         section_steerfast(run, base, think)
     if "floor" in s["sections"]:
-        section_floor(run, base, think, bw)
+        section_floor(run, base, think, bw, common.matmul_peak(device, dtype))
+    if "paper" in s["sections"]:
+        section_paper(run, base, think, hf_b, hf_t)
     del base, think
     common.free_memory(device)
     if "naive" in s["sections"]:
         section_naive(run, hf_b, hf_t)
-    if "paper" in s["sections"]:
-        section_paper(run, hf_b, hf_t)
     del hf_b, hf_t
     common.free_memory(device)
 
     save()
     print()
     print(common.format_table(doc["summary"], COLUMNS))
+    if doc["contexts"]:
+        print("\nagainst the paper's loop by context (batch 1, gate " + gate_name(s["rate"]) + "):")
+        print(common.format_table(doc["contexts"], CONTEXT_COLUMNS))
     print("\ntargets" + ("" if cuda else " (set for an H100: not checked on CPU)") + ":")
     for t in doc["targets"]:
         mark = ("ok  " if t["met"] else "MISS") if cuda and t["met"] is not None else "n/a " if not cuda else "MISS"
@@ -521,7 +619,7 @@ def run(args) -> int:
         out.with_suffix(".png"), [f"{r['config']} b{r['batch']} {r['gate']}" for r in rows],
         {"steerfast": [r.get("sf_tok_s") for r in rows], "naive transformers": [r.get("naive_tok_s") for r in rows],
          "paper's loop": [r.get("paper_tok_s") for r in rows],
-         "two-model floor (unsteered)": [r.get("floor_tok_s") for r in rows]},
+         "floor (bytes + candidate FLOPs)": [r.get("floor_tok_s") for r in rows]},
         f"hybrid tokens/s, {doc['env']['device_name']}, {doc['env']['dtype']}")
     print(f"\nwrote {out}" + (f" and {png}" if png else ""))
     return 1 if errors else 0

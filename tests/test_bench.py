@@ -181,14 +181,16 @@ def test_bench_gemv_crossover_and_targets():
 def test_bench_hybrid_cpu_smoke(tmp_path):
     """`python -m bench hybrid` on the tiny CPU preset: steerfast, the naive transformers hybrid and the
     paper's loop all run for both configurations, both gates and both batches; the JSON holds positive
-    throughputs, the paper loop's per-token times, the floor and the summary's speedups."""
+    throughputs, the paper loop's per-token times and steerfast's at each context, the floor (bytes and
+    candidate FLOPs) and the summary's speedups."""
     out = tmp_path / "h.json"
     cmd = [sys.executable, "-m", "bench", "hybrid", "--device", "cpu", "--model", "tiny", "--batches", "1,2",
            "--base-prompt-len", "6", "--thinking-prompt-len", "7", "--new-tokens", "9", "--naive-new-tokens", "9",
-           "--paper-new-tokens", "2", "--warmup-tokens", "9", "--copy-mib", "16", "--out", str(out)]
+           "--paper-new-tokens", "2", "--warmup-tokens", "9", "--copy-mib", "16", "--contexts", "12,30",
+           "--context-new-tokens", "9", "--out", str(out)]
     r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
-    for head in ("sf tok/s", "naive tok/s", "vs naive", "vs paper", "% floor", "targets"):
+    for head in ("sf tok/s", "naive tok/s", "vs naive", "vs paper", "% floor", "targets", "by context"):
         assert head in r.stdout, head
 
     d = json.loads(out.read_text())
@@ -203,24 +205,31 @@ def test_bench_hybrid_cpu_smoke(tmp_path):
     assert s["configs"]["a"]["windows"] == [-1] and len(s["configs"]["a"]["coefs"]) == 10
     assert s["configs"]["b"]["windows"] == [0, -1, -15, -50, -100]
 
-    cells = {(x["impl"], x["config"], x["batch"], x["gate"]) for x in d["results"]}
+    main = [x for x in d["results"] if x["impl"] != "steerfast-context"]
+    cells = {(x["impl"], x["config"], x["batch"], x["gate"]) for x in main}
     assert cells == {(i, c, b, g) for i in ("steerfast", "naive") for c in "ab" for b in (1, 2)
                      for g in ("thinking", "0.12")}
     for x in d["results"]:
         assert "error" not in x, x["error"]
         assert x["tokens"] == 9 * x["batch"] and x["tokens_per_s"] > 0 and x["ms_per_token"] > 0
-        assert x["grid_size"] == (10 if x["config"] == "a" else 50)
+        assert x["impl"] == "steerfast-context" or x["grid_size"] == (10 if x["config"] == "a" else 50)
         assert abs(x["steered_share"] - (1 / 9 if x["gate"] == "0.12" else x["steered_share"])) < 1e-9
-    assert [p["config"] for p in d["paper"]] == ["a", "b"]
+    assert [(p["config"], p["context"]) for p in d["paper"]] == [("a", 12), ("b", 12), ("a", 30), ("b", 30)]
     for p in d["paper"]:
         assert "error" not in p, p["error"]
         assert p["t_unsteered_s"] > 0 and p["t_steered_s"] > 0 and p["new_tokens"] == 2
-    assert [f["batch"] for f in d["floor"]] == [1, 2] and all(f["tokens_per_s"] > 0 for f in d["floor"])
+    assert [(r["config"], r["context"]) for r in d["contexts"]] == [(p["config"], p["context"]) for p in d["paper"]]
+    assert all(r["sf_tok_s"] > 0 and r["paper_tok_s"] > 0 and r["vs_paper"] > 0 for r in d["contexts"])
+    assert [f["batch"] for f in d["floor"]] == [1, 2] and d["matmul_peak"]["flops_per_s"] > 0
+    flops = d["floor"][0]["candidate_flops_per_steered_row"]
+    assert flops["b"] > 5 * flops["a"] > 0  # the grid's windows re-run many positions
     assert len(d["summary"]) == 8
     for row in d["summary"]:
         assert row["sf_tok_s"] > 0 and row["naive_tok_s"] > 0 and row["vs_naive"] > 0
         assert row["paper_tok_s"] > 0 and row["vs_paper"] > 0 and row["pct_floor"] > 0
-    assert [t["checked"] for t in d["targets"]] == [False, False]
+    floor = {(r["config"], r["batch"], r["gate"]): r["floor_tok_s"] for r in d["summary"]}
+    assert floor[("b", 1, "thinking")] < floor[("b", 1, "0.12")] < floor[("a", 1, "0.12")]  # steering costs FLOPs
+    assert [t["checked"] for t in d["targets"]] == [False] * 5
 
 
 def test_bench_check_without_a_gpu_says_so_in_one_line():
@@ -257,3 +266,39 @@ def test_bench_check_step_reports_failing_tests_and_goes_on(tmp_path):
     assert dec["status"] == "passed", dec["output_tail"]
     (row,) = check.headlines([dec])
     assert row["what"] == "decode tiny batch 1" and "tok/s" in row["value"] and "% of floor" in row["value"]
+
+
+def test_candidate_flops_counts_the_packed_reruns_matmuls(monkeypatch):
+    """bench.hybrid.candidate_flops against Hybrid's packed candidate re-run (float64: the torch
+    references): its matmul FLOPs equal those of every F.linear the re-run calls; attention is added
+    by arithmetic."""
+    import torch
+
+    import steerfast as sf
+    from bench.hybrid import candidate_flops
+    from tiny_models import tiny_hf
+
+    hf = tiny_hf("qwen2", layers=4, vocab=37, attention_bias=True)
+    m = sf.load_model(hf, device="cpu", dtype=torch.float64)
+    a, steer_layer, L = m.args, 1, 9
+    cfg = dict(coefs=[0.5, 2.0], windows=[0, -1, -4, -20])
+    sae = sf.TopKSAE(W_enc=torch.randn(a.dim, 3), b_enc=torch.randn(3), W_dec=torch.randn(3, a.dim),
+                     b_dec=torch.randn(a.dim), k=1)
+    h = sf.Hybrid(m, m, sae, torch.randn(3, a.dim), None, sae_layer=0, steer_layer=steer_layer, coefs=cfg["coefs"],
+                  windows=cfg["windows"])
+    m.ensure_cache(1 + 8, 32)
+    residual = torch.randn(1, 32, a.dim, dtype=torch.float64)
+    linear, flops = torch.nn.functional.linear, []
+
+    def counting_linear(x, W, bias=None):
+        flops.append(2 * (x.numel() // W.shape[1]) * W.numel())
+        return linear(x, W, bias)
+    monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
+    h._candidates([0], [1], [L], residual, [(c, w) for c in cfg["coefs"] for w in cfg["windows"]], 1)
+    mm = sum(flops)
+    n_upper = a.n_layers - steer_layer - 1
+    positions = sum(L if w == 0 else min(-w, L) for w in cfg["windows"])  # per coefficient
+    keys = sum(t * L - t * (t - 1) // 2 for t in (L if w == 0 else min(-w, L) for w in cfg["windows"]))
+    attention = 4 * a.n_heads * a.head_dim * n_upper * keys * len(cfg["coefs"])
+    assert positions == 9 + 1 + 4 + 9
+    assert mm > 0 and candidate_flops(m.net, steer_layer, cfg, L) == mm + attention
