@@ -7,10 +7,12 @@ Each step runs in its own process under its own time limit, and a failure never 
   gpu-tests   python -m pytest -m gpu (pytest-xdist's -n when it is installed)
   memcheck    compute-sanitizer --tool memcheck over the CUDA-backend op tests (when on PATH)
   decode      bench decode, short: Qwen2.5-1.5B at batch 1 and 16, Llama-3.1-8B at batch 1
+  decode-pdl  the same Qwen2.5-1.5B batch 1 with programmatic dependent launch (--pdl; off by default)
   kernels     bench kernels, short: the Qwen2.5-1.5B shapes at batch 1
-  hybrid      bench hybrid, short: windows [-1] at batch 1 and 16, the paper's grid at batch 1
+  hybrid      bench hybrid, short: windows [-1] at batch 1 and 16
 Then one table: each step passed/failed with the failing test names and the first line of each
-error, and the headline figures (tok/s and % of the floor per preset and batch, hybrid tok/s).
+error, and the headline figures (tok/s and % of the floor per preset and batch, hybrid tok/s and %
+of its floor).
 Without a GPU it says so in one line and exits 0.
 """
 from __future__ import annotations
@@ -41,7 +43,7 @@ def steps(out_dir: Path) -> list[dict]:
     xdist = _has_module("xdist")
     return [
         dict(name="extension", timeout=20, cmd=[py, "-c", EXTENSION_CHECK]),
-        dict(name="gpu-tests", timeout=95, junit=out_dir / "check-gpu-tests.xml",
+        dict(name="gpu-tests", timeout=90, junit=out_dir / "check-gpu-tests.xml",
              cmd=[py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
                   *(["-n", str(min(8, os.cpu_count() or 1))] if xdist else []),
                   f"--junitxml={out_dir / 'check-gpu-tests.xml'}"]),
@@ -50,17 +52,20 @@ def steps(out_dir: Path) -> list[dict]:
                   "-p", "no:cacheprovider", "-o", "addopts=", "-k", "cuda and not large",
                   f"--junitxml={out_dir / 'check-memcheck.xml'}",
                   "tests/test_ops.py", "tests/test_sae_ops.py"]),
-        dict(name="decode", timeout=35, json=out_dir / "check-decode.json",  # 25 s on an H200
+        dict(name="decode", timeout=30, json=out_dir / "check-decode.json",  # 25 s on an H200
              cmd=[py, "-m", "bench", "decode", "--models", "qwen2.5-1.5b", "--batches", "1,16", "--new-tokens", "64",
                   "--no-hf", "--out", str(out_dir / "check-decode.json")]),
         dict(name="decode-8b", timeout=30, json=out_dir / "check-decode-8b.json",  # 21 s
              cmd=[py, "-m", "bench", "decode", "--models", "llama-3.1-8b", "--batches", "1", "--new-tokens", "64",
                   "--no-hf", "--out", str(out_dir / "check-decode-8b.json")]),
-        dict(name="kernels", timeout=35, json=out_dir / "check-kernels.json",
+        dict(name="decode-pdl", timeout=20, json=out_dir / "check-decode-pdl.json",  # STEERFAST_PDL=1, not yet timed
+             cmd=[py, "-m", "bench", "decode", "--models", "qwen2.5-1.5b", "--batches", "1", "--new-tokens", "64",
+                  "--no-hf", "--pdl", "--out", str(out_dir / "check-decode-pdl.json")]),
+        dict(name="kernels", timeout=30, json=out_dir / "check-kernels.json",
              cmd=[py, "-m", "bench", "kernels", "--sections", "topk,gemv", "--batches", "1", "--dims", "1536",
                   "--latents", "16384", "--gemv-models", "qwen2.5-1.5b", "--gemv-batches", "1", "--reps", "20",
                   "--out", str(out_dir / "check-kernels.json")]),
-        dict(name="hybrid", timeout=60, json=out_dir / "check-hybrid.json",  # config a at 1 and 16: ~25 s
+        dict(name="hybrid", timeout=55, json=out_dir / "check-hybrid.json",  # config a at 1 and 16: ~25 s
              cmd=[py, "-m", "bench", "hybrid", "--sections", "steerfast,floor", "--batches", "1,16",
                   "--configs", "a", "--new-tokens", "32", "--out", str(out_dir / "check-hybrid.json")]),
     ]

@@ -23,6 +23,7 @@ On a GPU, from the repository root:  python -m bench decode   (writes bench/out/
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 import warnings
 
@@ -54,6 +55,8 @@ def add_arguments(p) -> None:
     p.add_argument("--hf-new-tokens", type=int, default=None,
                    help="new tokens for HF generate (default min(64, --new-tokens) on CUDA, --new-tokens on CPU)")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers generate")
+    p.add_argument("--pdl", action="store_true",
+                   help="programmatic dependent launch of the fused kernels (STEERFAST_PDL=1; compute capability >= 9)")
     p.add_argument("--device", default=None, help="default cuda when available, else cpu")
     p.add_argument("--dtype", choices=sorted(common.DTYPES), default="bf16")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
@@ -231,8 +234,11 @@ def run(args) -> int:
     if P < 1 or N < 2 or H < 1 or min(batches) < 1:
         raise SystemExit("error: --prompt-len, --hf-new-tokens and batches must be >= 1, --new-tokens >= 2")
 
+    if args.pdl:
+        os.environ["STEERFAST_PDL"] = "1"
     env = common.environment(device, dtype, getattr(args, "argv", []))
     env["attention_backend"] = attention_backend(device)
+    env["pdl"] = os.environ.get("STEERFAST_PDL") == "1"
     print(f"device: {env['device_name']} | torch {env['torch']} | triton {env['triton']} | "
           f"transformers {env['transformers']} | {env['dtype']} | decode attention: {env['attention_backend']['chosen']}")
     copy_mib = args.copy_mib or (1024 if cuda else 256)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 
 import torch
 import triton
@@ -26,3 +28,29 @@ def bf16_rtne(x):
 def on_device(device: torch.device):
     """Triton launches on the current CUDA device: make it the tensors' one."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@triton.jit
+def pdl_enter(USE_PDL: tl.constexpr):
+    """Programmatic dependent launch (Hopper+; the kernel launched with launch_pdl=True): wait until
+    the previous kernel on the stream has finished and its writes are visible, then let the next one
+    launch, which waits here likewise. A decode step's kernels are a few microseconds each, about as
+    long as a launch: this overlaps each launch and prologue with the previous kernel. Called before
+    any memory access of the kernel (earlier accesses could race with the previous kernel)."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """Launch keywords for a kernel that calls pdl_enter: programmatic dependent launch on a CUDA
+    device of compute capability >= 9 when STEERFAST_PDL=1 (off by default until measured on the GPU:
+    `python -m bench decode --pdl`), never under the interpreter."""
+    on = (os.environ.get("STEERFAST_PDL") == "1" and device.type == "cuda" and not triton_interpret()
+          and _capability_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9)
+    return dict(USE_PDL=True, launch_pdl=True) if on else dict(USE_PDL=False)

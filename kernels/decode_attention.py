@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import bf16_rtne, on_device, triton_interpret
+from ._common import bf16_rtne, on_device, pdl_enter, pdl_launch, triton_interpret
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
@@ -57,7 +57,9 @@ def _decode_attention_kernel(
     HAS_PREFIX: tl.constexpr,  # keys j < prefix_len from another row (the hybrid's candidate rows)
     DOT_PRECISION: tl.constexpr,
     INTERP_BF16: tl.constexpr,  # bf16 under TRITON_INTERPRET=1: see bf16_rtne
+    USE_PDL: tl.constexpr,  # programmatic dependent launch: see _common.pdl_enter
 ):
+    pdl_enter(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -147,7 +149,9 @@ def _decode_attention_combine_kernel(
     BLOCK_S: tl.constexpr,  # next power of two >= num_splits
     BLOCK_D: tl.constexpr,
     INTERP_BF16: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
@@ -238,7 +242,7 @@ def decode_attention(q, k_cache, v_cache, seq_lens, scale, num_splits=None, rows
             out.stride(0), out.stride(1),
             H * num_splits, num_splits,
             D=D, GROUP=group, BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SPLIT=split, HAS_PREFIX=has_prefix,
-            DOT_PRECISION=precision, INTERP_BF16=interp_bf16, num_warps=4, num_stages=2,
+            DOT_PRECISION=precision, INTERP_BF16=interp_bf16, num_warps=4, num_stages=2, **pdl_launch(q.device),
         )
         if split:
             _decode_attention_combine_kernel[(B, H)](
@@ -246,6 +250,6 @@ def decode_attention(q, k_cache, v_cache, seq_lens, scale, num_splits=None, rows
                 H * num_splits, num_splits,
                 out.stride(0), out.stride(1),
                 D=D, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=BLOCK_D, INTERP_BF16=interp_bf16,
-                num_warps=4,
+                num_warps=4, **pdl_launch(q.device),
             )
     return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import on_device
+from ._common import on_device, pdl_enter, pdl_launch
 
 
 @triton.jit
@@ -29,7 +29,9 @@ def _decode_tail_kernel(
     B, W, n_stop,
     BLOCK_B: tl.constexpr,
     BLOCK_S: tl.constexpr,  # next power of two >= n_stop
+    USE_PDL: tl.constexpr,  # programmatic dependent launch: see _common.pdl_enter
 ):
+    pdl_enter(USE_PDL)
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     b_mask = offs_b < B
     done = tl.load(done_ptr + offs_b, mask=b_mask, other=0) != 0
@@ -63,5 +65,5 @@ def decode_tail_(nxt, done, tok, pos, seq_lens, step, out, stop):
     with on_device(out.device):
         _decode_tail_kernel[(triton.cdiv(B, BLOCK_B),)](
             nxt, done, tok, pos, seq_lens, step, out, stop, B, W, n_stop,
-            BLOCK_B=BLOCK_B, BLOCK_S=BLOCK_S, num_warps=1 if BLOCK_B <= 64 else 4,
+            BLOCK_B=BLOCK_B, BLOCK_S=BLOCK_S, num_warps=1 if BLOCK_B <= 64 else 4, **pdl_launch(out.device),
         )

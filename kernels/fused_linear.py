@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import bf16_rtne, on_device, triton_interpret
+from ._common import bf16_rtne, on_device, pdl_enter, pdl_launch, triton_interpret
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_BLOCK_M = 64
@@ -111,7 +111,9 @@ def _fused_linear_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERP_BF16: tl.constexpr,  # bf16 under TRITON_INTERPRET=1: see _common.bf16_rtne
+    USE_PDL: tl.constexpr,  # programmatic dependent launch: see _common.pdl_enter
 ):
+    pdl_enter(USE_PDL)
     dtype = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -180,7 +182,9 @@ def _argmax_reduce_kernel(
     out_ptr,  # [M] int64
     n_blocks,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     m = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     best = tl.full([], float("-inf"), tl.float32)
@@ -268,7 +272,7 @@ def fused_linear(x, W, norm_weight=None, eps=0.0, bias=None, residual=None, swig
     cfg = config or (_INTERP_CONFIG if triton_interpret() else gpu_config(M, N_out, K, swiglu, elt=x.element_size()))
     grid = (triton.cdiv(N_out, cfg["BLOCK_N"]), triton.cdiv(M, BLOCK_M))
     with on_device(x.device):
-        _fused_linear_kernel[grid](*args, **flags, **cfg)
+        _fused_linear_kernel[grid](*args, **flags, **cfg, **pdl_launch(x.device))
     return out
 
 
@@ -291,7 +295,8 @@ def lm_head_argmax(x, W, norm_weight=None, eps=0.0, config=None):
             x, W, norm_weight if norm_weight is not None else x, x, x, x, x, x, x, x, x, part_val, part_idx,
             M, V, K, float(eps),
             HAS_NORM=norm_weight is not None, HAS_BIAS=False, SWIGLU=False, HAS_RESIDUAL=False, HAS_STEER=False,
-            HAS_STEER_BIAS=False, ARGMAX=True, BLOCK_M=BLOCK_M, **_flags(x), **cfg)
+            HAS_STEER_BIAS=False, ARGMAX=True, BLOCK_M=BLOCK_M, **_flags(x), **cfg, **pdl_launch(x.device))
         _argmax_reduce_kernel[(M,)](part_val, part_idx, ids, n_blocks,
-                                    BLOCK=min(1024, triton.next_power_of_2(n_blocks)), num_warps=4)
+                                    BLOCK=min(1024, triton.next_power_of_2(n_blocks)), num_warps=4,
+                                    **pdl_launch(x.device))
     return ids

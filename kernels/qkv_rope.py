@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import on_device, triton_interpret
+from ._common import on_device, pdl_enter, pdl_launch, triton_interpret
 from .fused_linear import DTYPES, _round, _row_rstd, _w_tile, _x_tile, block_m
 
 
@@ -46,7 +46,9 @@ def _qkv_rope_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERP_BF16: tl.constexpr,  # bf16 under TRITON_INTERPRET=1: see _common.bf16_rtne
+    USE_PDL: tl.constexpr,  # programmatic dependent launch: see _common.pdl_enter
 ):
+    pdl_enter(USE_PDL)
     HALF: tl.constexpr = D // 2
     dtype = x_ptr.dtype.element_ty
     head = tl.program_id(0)  # 0 .. H-1: q, H .. H+Hkv-1: k, then v
@@ -135,5 +137,5 @@ def qkv_rope_kv_write(x, W, norm_weight, eps, bias, cos, sin, pos, rows, k_cache
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             D=D, HAS_NORM=norm_weight is not None, HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,
-            INTERP_BF16=x.dtype == torch.bfloat16 and triton_interpret(), **cfg)
+            INTERP_BF16=x.dtype == torch.bfloat16 and triton_interpret(), **cfg, **pdl_launch(x.device))
     return q

@@ -72,3 +72,17 @@ def test_hybrid_at_batch_1_and_16_graphed_equals_eager(windows, gate, seed):
             assert (got.tokens, got.steered, got.category, got.coef, got.window) == \
                 (want.tokens, want.steered, want.category, want.coef, want.window)
     torch.cuda.synchronize()
+
+
+def test_programmatic_dependent_launch_decodes_the_same_tokens(seed, monkeypatch):
+    """STEERFAST_PDL=1 (compute capability >= 9): graphed and eager decoding with the fused kernels
+    launched dependently give the tokens of decoding without it (each kernel waits for its predecessor
+    before touching memory: a missing wait would read stale activations)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability >= 9")
+    hf = tiny_hf("qwen2", n_heads=6, n_kv_heads=2, dtype=torch.float32).cuda()
+    prompts = random_prompts([5, 17, 9])
+    ref = sf.load_model(hf, device="cuda", dtype=torch.float32, eager=True).generate(prompts, 40, eos_token_id=None)
+    monkeypatch.setenv("STEERFAST_PDL", "1")
+    for m in _models(hf):
+        assert m.generate(prompts, 40, eos_token_id=None) == ref

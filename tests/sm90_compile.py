@@ -1,0 +1,116 @@
+"""Compile the decode step's Triton kernels for sm_90 (H100/H200) on a machine without a GPU.
+
+Run as a script in a process without TRITON_INTERPRET (tests/test_sm90_compile.py does): each
+launcher of the fused decode step is called with CPU tensors of the presets' real shapes, its launch
+is intercepted (JITFunction.run records the arguments instead of running), and the kernel is compiled
+for GPUTarget("cuda", 90, 32) with the launch's constexprs and options. Prints one JSON line per
+distinct compile: the kernel, its shared memory and whether the PTX carries programmatic dependent
+launch. What the interpreter cannot see, this catches: a kernel that does not compile for the GPU,
+or a block-size table that asks for more shared memory than the GPU has (an H200 run once died of
+`Required: 265216, Hardware limit: 232448` on fp32 models).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from steerfast import presets
+from steerfast.kernels import decode_attention, decode_tail, fused_linear, qkv_rope
+
+SM90_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
+_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+          torch.int64: "i64", torch.bool: "i1"}
+
+launches: list[tuple] = []
+
+
+def _record(self, *args, grid, warmup, **kwargs):
+    launches.append((self, args, kwargs))
+
+
+def _signature(fn: JITFunction, args, kwargs):
+    sig, consts = {}, {}
+    values = dict(zip([p.name for p in fn.params], args)) | kwargs
+    for p in fn.params:
+        v = values[p.name]
+        if p.is_constexpr:
+            sig[p.name], consts[p.name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[p.name] = "*" + _TYPES[v.dtype]
+        elif isinstance(v, bool):
+            sig[p.name] = "i1"
+        elif isinstance(v, int):
+            sig[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
+        else:
+            sig[p.name] = "fp32"
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages", "launch_pdl") if k in kwargs}
+    return sig, consts, options
+
+
+def _calls(shape: dict, dtype: torch.dtype, M: int):
+    """The decode step's launches for one model shape, dtype and row count."""
+    d, inter, H, Hkv = shape["hidden_size"], shape["intermediate_size"], shape["num_attention_heads"], \
+        shape["num_key_value_heads"]
+    D = d // H
+    V, S, Bc = shape["vocab_size"], 4096, M + 1
+    e = lambda *s, dt=dtype: torch.empty(s, dtype=dt)  # noqa: E731 -- never touched: no pages
+    x, res = e(M, d), e(M, d)
+    i32 = lambda n: torch.zeros(n, dtype=torch.int32)  # noqa: E731
+    fused_linear.fused_linear(x, e(d, H * D), bias=None, residual=res)  # o projection
+    fused_linear.fused_linear(x, e(2 * inter, d), norm_weight=e(d), eps=1e-6, swiglu=True)  # gate/up
+    fused_linear.fused_linear(e(M, inter), e(d, inter), residual=res, steer_vectors=e(5, d),
+                              steer_idx=i32(M), steer_coef=torch.zeros(M), steer_start=i32(M), steer_bias=e(d),
+                              input_pos=i32(M))  # down + residual + steering
+    fused_linear.lm_head_argmax(x, e(V, d), norm_weight=e(d), eps=1e-6)
+    kc, vc = e(Bc, S, Hkv, D), e(Bc, S, Hkv, D)
+    qkv_rope.qkv_rope_kv_write(x, e((H + 2 * Hkv) * D, d), e(d), 1e-6, e((H + 2 * Hkv) * D), e(S, D), e(S, D),
+                               i32(M), torch.zeros(M, dtype=torch.int64), kc, vc, H, Hkv)
+    rows = torch.zeros(M, dtype=torch.int64)
+    for splits in (1, 8):
+        decode_attention.decode_attention(e(M, H, D), kc, vc, i32(M), D ** -0.5, num_splits=splits)
+        decode_attention.decode_attention(e(M, H, D), kc, vc, i32(M), D ** -0.5, num_splits=splits, rows=rows,
+                                          prefix_rows=rows, prefix_lens=i32(M))
+    decode_tail.decode_tail_(torch.zeros(M, dtype=torch.int64), torch.zeros(M, dtype=torch.bool),
+                             torch.zeros(M, dtype=torch.int64), i32(M), i32(M), torch.zeros(M, dtype=torch.int64),
+                             torch.zeros(M, 8, dtype=torch.int64), torch.zeros(M, 2, dtype=torch.int64))
+
+
+def main(argv: list[str]) -> int:
+    pdl = "--pdl" in argv
+    models = [a for a in argv if not a.startswith("--")] or ["qwen2.5-1.5b", "llama-3.1-8b"]
+    JITFunction.run = _record
+    for mod in (decode_attention, decode_tail, fused_linear, qkv_rope):
+        if pdl:
+            mod.pdl_launch = lambda device: dict(USE_PDL=True, launch_pdl=True)
+    for name in models:
+        for dtype in (torch.bfloat16, torch.float32):
+            for M in (1, 64):
+                _calls(presets.SHAPES[name], dtype, M)
+    seen, target = set(), GPUTarget("cuda", 90, 32)
+    for fn, args, kwargs in launches:
+        sig, consts, options = _signature(fn, args, kwargs)
+        key = (fn.__name__, json.dumps(sig, sort_keys=True), repr(sorted(consts.items())), repr(sorted(options.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+        out = dict(kernel=fn.__name__, constexprs={k: v for k, v in consts.items() if isinstance(v, (int, str, bool))},
+                   options=options)
+        try:
+            c = triton.compile(src, target=target, options=options)
+            out |= dict(shared=c.metadata.shared, fits=c.metadata.shared <= SM90_SHARED_LIMIT,
+                        pdl="griddepcontrol.wait" in c.asm["ptx"], launch_pdl=bool(c.metadata.launch_pdl))
+        except Exception as e:  # noqa: BLE001 -- reported, the test fails on it
+            out |= dict(error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
