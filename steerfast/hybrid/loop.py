@@ -31,7 +31,7 @@ from ..graphs import GraphRunner
 from ..model import Capture, Context
 from ..sae import TopKSAE
 from .result import HybridResult
-from .step import StepSettings, fast_step, new_state
+from .step import StepSettings, fast_step, new_state, side_stream
 
 GATES = ("thinking", "controller")
 
@@ -107,7 +107,8 @@ class Hybrid:
         self.max_packed_tokens = max_packed_tokens  # positions re-run at once (activation memory)
         self.fast = fast  # windows == [-1] with one vocabulary: whole steps on the device (step.py)
         self.settings = StepSettings(base.net, thinking.net, thinking.device, self.sae, self.cat_map, self.threshold,
-                                     self.cat_coef, self.vectors, self.bias, sae_layer, steer_layer, gate)
+                                     self.cat_coef, self.vectors, self.bias, sae_layer, steer_layer, gate,
+                                     side_stream(base.device, thinking.device))
         # the fast step's graphs read both models' caches: captured by this hybrid's own runner (and
         # pool), released when either cache is replaced
         self.graphs = GraphRunner(base.device, base.graphs._backend)

@@ -7,15 +7,23 @@ at the current position, steered, run through the later layers together with the
 unsteered KV prefix (Context.prefix_rows). The thinking model's logits at the candidate tokens pick
 the candidate, and the token, record and stop flags are written into fixed buffers. No host sync: on the GPU the step is
 one CUDA graph per batch bucket, replayed once per token.
+
+Two streams (both models on one GPU): the thinking model runs on a side stream while the base model
+runs on the current one. The base's upper layers need only the controller's category (thinking
+layers up to sae_layer), the choice needs the thinking logits, so the critical path is about
+max(thinking lower, base lower) + max(base upper, thinking upper) layers rather than their sum; at
+small batch each kernel fills a fraction of the GPU and the two streams' kernels run side by side.
+Captured into the graph as a fork and a join; on the CPU everything runs in order.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from .. import ops
-from ..model import Capture, Context
+from ..model import Context
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,41 @@ class StepSettings:
     sae_layer: int
     steer_layer: int
     gate: str | float
+    side: "SideStream | None" = None  # the thinking model's stream (both models on one GPU)
+
+
+class SideStream:
+    """A second CUDA stream forked from the current one and joined back: work issued under `run()`
+    starts after everything the current stream had issued at fork(); `wait(event)` and `join()`
+    make the current stream wait for what the side had issued at that point."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device)
+
+    def fork(self):
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+
+    def run(self):
+        return torch.cuda.stream(self.stream)
+
+    def mark(self) -> torch.cuda.Event:
+        ev = torch.cuda.Event()
+        ev.record(self.stream)
+        return ev
+
+    def join(self, *made_here: torch.Tensor, event: torch.cuda.Event | None = None):
+        """The current stream waits for the side (up to `event`); tensors the side allocated and the
+        current stream reads are recorded as used there (eager mode's allocator would reuse them)."""
+        cur = torch.cuda.current_stream(self.stream.device)
+        cur.wait_event(event) if event is not None else cur.wait_stream(self.stream)
+        if not torch.cuda.is_current_stream_capturing():  # a graph's pool keeps its blocks anyway
+            for t in made_here:
+                t.record_stream(cur)
+
+
+def side_stream(base_device: torch.device, thinking_device: torch.device) -> SideStream | None:
+    same = base_device.type == "cuda" and torch.device(thinking_device) == torch.device(base_device)
+    return SideStream(base_device) if same else None
 
 
 @dataclass
@@ -73,13 +116,23 @@ def fast_step(h: StepSettings, s: StepState) -> None:
     Bb, dev = s.tok.shape[0], s.tok.device
     nc = s.coef_rows.shape[0] // Bb
     la = h.steer_layer + 1
-    # the base rows up to steer_layer; there the candidates branch off as extra rows
+    side = h.side
+    # the thinking model, on the side stream: its layers up to sae_layer and the controller, then the
+    # rest and its logits; meanwhile the base rows run up to steer_layer, where the candidates branch off
+    if side is not None:
+        side.fork()
+    with side.run() if side is not None else contextlib.nullcontext():
+        ctx_t = Context(input_pos=s.pos_t[:, None])
+        tok_t = s.tok.to(h.thinking_device)
+        a = think.decode_layers(think.tok_embeddings(tok_t), ctx_t, 0, h.sae_layer + 1)
+        cat = h.sae.controller(a, h.cat_map, h.threshold, h.cat_coef).category.to(dev)
+        cat_ready = side.mark() if side is not None else None
+        xt = think.decode_layers(a, ctx_t, h.sae_layer + 1, len(think.layers))
+        logits_t = think.decode_head(xt, "logits")  # [Bb, V]
     ctx_b = Context(input_pos=s.pos_b[:, None])
     x = base.decode_layers(base.tok_embeddings(s.tok), ctx_b, 0, la)  # [Bb, d], unsteered
-    cap_t = Capture(h.sae_layer)
-    logits_t = think(s.tok.to(h.thinking_device)[:, None], Context(input_pos=s.pos_t[:, None], edits=(cap_t,)))[:, 0]
-    ctrl = h.sae.controller(cap_t.value[:, 0], h.cat_map, h.threshold, h.cat_coef)
-    cat = ctrl.category.to(dev)
+    if side is not None:
+        side.join(cat, event=cat_ready)
 
     # rows c * Bb + b (c >= 1): coefficient c - 1 for sequence b, steered at the same position; row b
     # (c = 0) is the sequence itself. One pass of the upper layers reads their weights once for all
@@ -90,6 +143,8 @@ def fast_step(h: StepSettings, s: StepState) -> None:
     ops.steer_add_(xs[Bb:, None], pos[Bb:], s.zeros, h.vectors, cat.to(torch.int32).repeat(nc), s.coef_rows, h.bias)
     ctx_c = Context(input_pos=pos, rows=s.rows, prefix_rows=s.prefix_rows, prefix_lens=pos[:, 0])
     y = base.decode_head(base.decode_layers(xs, ctx_c, la, len(base.layers)), "argmax")  # [(nc+1)*Bb]
+    if side is not None:
+        side.join(logits_t)
     y = y.view(nc + 1, Bb).T  # [Bb, nc+1]
     y0, y_c = y[:, 0], y[:, 1:]
     if h.gate == "thinking":
