@@ -10,10 +10,13 @@ registered as torch.library custom ops (opaque to torch.compile and CUDA graphs)
 The references (`*_torch`) round to the model dtype exactly where steerfast.model (and so HF
 transformers) rounds in eager mode; with float64 inputs they compute in float64 throughout (RMSNorm's
 `x.float()` becomes float64), which the tests use as ground truth. Only "triton" and "torch" exist
-(no CUDA C++ versions); float64 runs the reference only. Host-side checks are shape/dtype asserts:
+(no CUDA C++ versions); float64 runs the reference only, and so do more than FUSED_MAX_M rows
+unless a backend is named. Host-side checks are shape/dtype asserts:
 no value checks, no host syncs.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +27,18 @@ from .ops import steer_add_torch
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _implemented(dtype) -> tuple[str, ...]:
-    return ("triton", "torch") if dtype in _KERNEL_DTYPES else ("torch",)
+# The Triton kernels are GEMVs: one program streams a slice of W once for a block of up to 64 rows.
+# Past 64 rows each further row block reads W again, and the shape is a GEMM's: there the automatic
+# choice (no backend named) is the reference, i.e. cuBLAS plus the epilogue as separate ops (project
+# issue 11: "the step picks by M"). This is the hybrid's packed candidate windows and wide fast steps.
+FUSED_MAX_M = 64
+
+
+def _implemented(dtype, M: int = 1, backend: str | None = None) -> tuple[str, ...]:
+    if dtype not in _KERNEL_DTYPES:
+        return ("torch",)
+    named = backend or os.environ.get("STEERFAST_BACKEND")
+    return ("triton", "torch") if M <= FUSED_MAX_M or named else ("torch",)
 
 
 def _acc(dtype):
@@ -117,7 +130,7 @@ def fused_linear(x, W, *, norm_weight=None, eps=0.0, bias=None, residual=None, s
         assert si.dtype == ss.dtype == torch.int32 and sc.dtype == torch.float32
         assert input_pos is not None and input_pos.shape == (M,) and input_pos.dtype == torch.int32
         input_pos = input_pos.contiguous()
-    b = _backend.choose("fused_linear", x.device, _implemented(x.dtype), backend)
+    b = _backend.choose("fused_linear", x.device, _implemented(x.dtype, M, backend), backend)
     return _fused_linear_op(x, W, norm_weight, float(eps), bias, residual, bool(swiglu), sv, si, sc, ss, sb,
                             input_pos, b)
 
@@ -181,7 +194,7 @@ def qkv_rope_kv_write(x, W, norm_weight, eps, bias, cos, sin, pos, rows, k_cache
     assert pos.shape == rows.shape == (M,) and pos.dtype in (torch.int32, torch.int64) and rows.dtype == torch.int64
     assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1
     assert _contig(x, W, norm_weight, bias, cos, sin, pos, rows)
-    b = _backend.choose("qkv_rope_kv_write", x.device, _implemented(x.dtype), backend)
+    b = _backend.choose("qkv_rope_kv_write", x.device, _implemented(x.dtype, x.shape[0], backend), backend)
     return _qkv_rope_kv_write_op(x, W, norm_weight, float(eps), bias, cos, sin, pos, rows, k_cache, v_cache, H,
                                  Hkv, b)
 
@@ -214,7 +227,7 @@ def lm_head_argmax(x, W, norm_weight, eps, backend=None):
     assert x.dim() == 2 and W.dim() == 2 and x.shape[1] == W.shape[1], "x [M, K], W [V, K]"
     assert W.dtype == x.dtype and _contig(x, W, norm_weight)
     assert norm_weight is None or (norm_weight.shape == (x.shape[1],) and norm_weight.dtype == x.dtype)
-    b = _backend.choose("lm_head_argmax", x.device, _implemented(x.dtype), backend)
+    b = _backend.choose("lm_head_argmax", x.device, _implemented(x.dtype, x.shape[0], backend), backend)
     return _lm_head_argmax_op(x, W, norm_weight, float(eps), b)
 
 

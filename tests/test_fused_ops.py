@@ -340,3 +340,17 @@ def test_gpu_table_configs(M, dtype_tol, seed):
     untouched = torch.ones(Bc, S, dtype=torch.bool, device=DEVICE)
     untouched[rows, p] = False
     assert torch.equal(k_cache[untouched], k0[untouched]) and torch.equal(v_cache[untouched], v0[untouched])
+
+
+def test_the_automatic_choice_leaves_gemm_shapes_to_the_reference(monkeypatch):
+    """Up to 64 rows (one row block: each weight read once) the fused kernels; past that the GEMM
+    shape goes to the reference (cuBLAS) unless a backend is named."""
+    from steerfast.fused_ops import FUSED_MAX_M, _implemented
+
+    monkeypatch.delenv("STEERFAST_BACKEND", raising=False)
+    assert _implemented(torch.bfloat16, FUSED_MAX_M) == ("triton", "torch")
+    assert _implemented(torch.bfloat16, FUSED_MAX_M + 1) == ("torch",)
+    assert _implemented(torch.bfloat16, 4096, backend="triton") == ("triton", "torch")
+    assert _implemented(torch.float64, 1) == ("torch",)
+    monkeypatch.setenv("STEERFAST_BACKEND", "triton")
+    assert _implemented(torch.float32, 4096) == ("triton", "torch")
