@@ -21,17 +21,19 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 from steerfast import presets
-from steerfast.kernels import decode_attention, decode_tail, fused_linear, qkv_rope
+from steerfast.kernels import decode_attention, decode_tail, fused_linear, qkv_rope, sae_controller, steer_add
+from steerfast.kernels import topk_sae_encode
 
 SM90_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
           torch.int64: "i64", torch.bool: "i1"}
 
 launches: list[tuple] = []
+group = ["decode"]  # the launches' group: "decode" (launched with PDL under --pdl) or "other"
 
 
 def _record(self, *args, grid, warmup, **kwargs):
-    launches.append((self, args, kwargs))
+    launches.append((self, args, kwargs, group[0]))
 
 
 def _signature(fn: JITFunction, args, kwargs):
@@ -81,6 +83,20 @@ def _calls(shape: dict, dtype: torch.dtype, M: int):
                              torch.zeros(M, 8, dtype=torch.int64), torch.zeros(M, 2, dtype=torch.int64))
 
 
+def _other_calls(dtype: torch.dtype):
+    """The SAE and steering kernels at the shapes the hybrid and research use (no PDL)."""
+    e = lambda *s, dt=dtype: torch.empty(s, dtype=dt)  # noqa: E731
+    i32 = lambda n: torch.zeros(n, dtype=torch.int32)  # noqa: E731
+    for B, d, n, k in ((1, 1536, 16384, 32), (256, 4096, 16384, 32), (16, 1536, 15, 1), (256, 4096, 65536, 64)):
+        topk_sae_encode.topk_sae_encode(e(B, d), e(d, n), e(n), e(d), k)
+    for B, d, n in ((1, 1536, 15), (64, 4096, 50)):
+        sae_controller.sae_controller(e(B, d), e(d, n), e(n), e(d), i32(n), 0.0, torch.zeros(n))
+    for B, T, d in ((1, 1, 1536), (16, 128, 4096)):
+        steer_add.steer_add_(e(B, T, d), i32(B * T).view(B, T), i32(B), e(5, d), i32(B), torch.zeros(B), e(d))
+        steer_add.steer_residual_add(e(B, T, d), e(B, T, d), i32(B * T).view(B, T), i32(B), e(5, d), i32(B),
+                                     torch.zeros(B), None)
+
+
 def main(argv: list[str]) -> int:
     pdl = "--pdl" in argv
     models = [a for a in argv if not a.startswith("--")] or ["qwen2.5-1.5b", "llama-3.1-8b"]
@@ -92,15 +108,18 @@ def main(argv: list[str]) -> int:
         for dtype in (torch.bfloat16, torch.float32):
             for M in (1, 64):
                 _calls(presets.SHAPES[name], dtype, M)
+    group[0] = "other"
+    for dtype in (torch.bfloat16, torch.float32):
+        _other_calls(dtype)
     seen, target = set(), GPUTarget("cuda", 90, 32)
-    for fn, args, kwargs in launches:
+    for fn, args, kwargs, grp in launches:
         sig, consts, options = _signature(fn, args, kwargs)
         key = (fn.__name__, json.dumps(sig, sort_keys=True), repr(sorted(consts.items())), repr(sorted(options.items())))
         if key in seen:
             continue
         seen.add(key)
         src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-        out = dict(kernel=fn.__name__, constexprs={k: v for k, v in consts.items() if isinstance(v, (int, str, bool))},
+        out = dict(kernel=fn.__name__, group=grp, constexprs={k: v for k, v in consts.items() if isinstance(v, (int, str, bool))},
                    options=options)
         try:
             c = triton.compile(src, target=target, options=options)
