@@ -47,4 +47,8 @@ def check_2x(out, ref, base, atol, rtol, floor, what):
     base_err = (base.double() - ref).abs().max().item() if out.numel() else 0.0
     assert err <= 2 * base_err + floor, (
         f"{what}: max error {err:.3g} > 2 x same-dtype torch error {base_err:.3g} + {floor:g}")
-    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+    # elementwise too, but never tighter than torch's own same-dtype error (an output near zero after a
+    # rounded intermediate errs by that intermediate's ulp in any implementation)
+    atol = max(atol, 2 * base_err + floor)
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol,
+                               msg=lambda m: f"{what}: {m} (same-dtype torch error {base_err:.3g})")
