@@ -42,6 +42,7 @@ COLUMNS = [
     ("sf_tok_s", "steerfast tok/s"), ("sf_p50_ms", "p50 ms"), ("sf_p99_ms", "p99 ms"),
     ("hf_tok_s", "HF tok/s"), ("speedup", "vs HF"),
     ("floor_tok_s", "floor tok/s"), ("pct_floor", "% floor"), ("pct_floor_decode", "% floor decode"),
+    ("kernels", "kernels/step"), ("step_mb", "MB read/step"), ("weight_mb", "weights MB"),
 ]
 
 
@@ -134,6 +135,23 @@ def bench_steerfast(m, prompts, new_tokens: int, device) -> dict:
                 _out=out)
 
 
+def counted_step(m, batch: int, context: int) -> dict:
+    """Kernels and bytes read of one greedy decode step of `batch` rows at `context` tokens, counted
+    by steerfast.launch_count (run eagerly once on the buffers generate uses: a GPU graph replays the
+    same kernels)."""
+    from steerfast.engine import bucket_for
+    from steerfast.launch_count import count_launches
+
+    Bb = batch if m.eager else bucket_for(batch)
+    _, s = m._runner(Bb, 4, None, "greedy")  # generate's key for eos_token_id=None (stop lists padded to 4)
+    s.pos.fill_(context - 1), s.seq_lens.fill_(context), s.step.zero_(), s.done.zero_()
+    s.done[batch:] = True
+    with count_launches() as n:
+        m._decode_step(s, "greedy")
+    return dict(kernels=n.total, bytes_read=n.total_bytes, syncs=n.syncs, context=context,
+                bytes_by_kernel=dict(n.bytes_read.most_common()), kernels_by_name=dict((n.aten + n.triton).most_common()))
+
+
 def bench_hf(hf, prompts, new_tokens: int, device) -> dict:
     ids = torch.tensor(prompts, device=device)
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
@@ -170,6 +188,10 @@ NOTES = dict(
           "parameters steerfast holds, less the untied input-embedding table of which a step gathers "
           "only batch rows) + KV bytes at the mean context prompt_len + new_tokens / 2. "
           "weight_bytes_modelargs is ModelArgs.weight_bytes(dtype), for comparison",
+    counted_step="one greedy decode step (batch rows at the mean context) run eagerly under "
+                 "steerfast.launch_count: its kernels and the bytes they read (each kernel's input buffers, "
+                 "the KV cache up to each row's length, gathers' rows), beside the floor's arithmetic bytes "
+                 "(counted_vs_floor_bytes: 1.0 means the step reads nothing beyond weights and KV)",
     fraction_of_floor="steerfast tokens_per_s / floor tokens/s (prefill included, so an understatement: "
                       "the floor counts decode steps only); fraction_of_floor_decode uses decode_tokens_per_s",
     errors="a model x batch that raised is recorded with an `error` and the run goes on; exit status 1",
@@ -195,11 +217,13 @@ def bench_one(m, hf, name: str, batch: int, args, P: int, N: int, H: int, bw: di
                        agreeing_prefix_mean=sum(common_prefix(a, b) for a, b in zip(sf_out, hf_out)) / batch)
     floor_bytes = bytes_per_step(m, batch, P + N / 2)
     floor = batch * bw["bytes_per_s"] / floor_bytes["total"]
+    counted = counted_step(m, batch, round(P + N / 2))
     dec = sfr["decode_tokens_per_s"]
     hf_tps = None if hfr is None else hfr.get("tokens_per_s")
     return dict(model=name, batch=batch, prompt_len=P, new_tokens=N, cuda_graphs=not m.eager,
                 steerfast=sfr, hf=hfr,
                 floor=dict(bytes_per_step=floor_bytes, bandwidth_bytes_per_s=bw["bytes_per_s"], tokens_per_s=floor),
+                counted_step=counted, counted_vs_floor_bytes=counted["bytes_read"] / floor_bytes["total"],
                 fraction_of_floor=sfr["tokens_per_s"] / floor,
                 fraction_of_floor_decode=None if dec is None else dec / floor,
                 speedup_vs_hf=None if hf_tps is None else sfr["tokens_per_s"] / hf_tps)
@@ -214,7 +238,9 @@ def table_row(r: dict) -> dict:
     return dict(model=r["model"], batch=r["batch"], sf_tok_s=r["steerfast"]["tokens_per_s"], sf_p50_ms=lat["p50"],
                 sf_p99_ms=lat["p99"], hf_tok_s=hf_tps,
                 speedup=r["speedup_vs_hf"], floor_tok_s=r["floor"]["tokens_per_s"],
-                pct_floor=pct(r["fraction_of_floor"]), pct_floor_decode=pct(r["fraction_of_floor_decode"]))
+                pct_floor=pct(r["fraction_of_floor"]), pct_floor_decode=pct(r["fraction_of_floor_decode"]),
+                kernels=r["counted_step"]["kernels"], step_mb=r["counted_step"]["bytes_read"] / 1e6,
+                weight_mb=r["floor"]["bytes_per_step"]["weight_bytes_read"] / 1e6)
 
 
 def run(args) -> int:

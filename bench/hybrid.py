@@ -127,6 +127,9 @@ NOTES = dict(
           "candidate FLOPs: one steered row's re-runs (candidate_flops: 2 * upper-layer matmul params per "
           "window position, 4 * heads * head_dim per attended key per upper layer, 2 * LM-head params per "
           "candidate) at that mean context",
+    counted_step="windows [-1] (the device-side step) only: one step run eagerly under steerfast.launch_count on "
+                 "the buffers generate used, both models at the mean context: its kernels and the bytes they "
+                 "read, beside the floor's arithmetic bytes",
     errors="a configuration that raised is recorded with `error` (and `traceback`) and the run goes on; "
            "exit status 1",
 )
@@ -241,6 +244,25 @@ def bench_steerfast(h, bp, tp, N: int, warm: int, device) -> dict:
     return dict(steps=steps, tokens=n, wall_s=wall, loop_elapsed_s=res.elapsed_s, tokens_per_s=n / wall,
                 ms_per_token=1e3 * wall / steps, steered_share=res.steered_share,
                 steered_share_per_sequence=res.steered_share_per_sequence)
+
+
+def counted_fast_step(h, batch: int, context: int) -> dict | None:
+    """Kernels and bytes read of one device-side step (windows [-1]) of `batch` rows at `context`
+    tokens, counted by steerfast.launch_count on the buffers generate used; None for the host loop."""
+    from steerfast.engine import bucket_for
+    from steerfast.hybrid.step import fast_step
+    from steerfast.launch_count import count_launches
+
+    if not (h.fast and h.tokenizers is None and all(w == -1 for w in h.windows)):
+        return None
+    Bb = batch if h.base.eager else bucket_for(batch)
+    s, _ = h._fast_runner(Bb, 0, list(h.coefs))  # eos_token_id=None: no stop ids
+    s.pos_b.fill_(context - 1), s.pos_t.fill_(context - 1), s.step.zero_(), s.done.fill_(True)
+    s.done[:batch] = False
+    with count_launches() as n:
+        fast_step(h.settings, s)
+    return dict(kernels=n.total, bytes_read=n.total_bytes, syncs=n.syncs, context=context,
+                bytes_by_kernel=dict(n.bytes_read.most_common()))
 
 
 def bench_naive(hf_b, hf_t, ctl, s, cfg, bp, tp, gate, device) -> dict:
@@ -411,6 +433,8 @@ def section_steerfast(run: _Sections, base, think) -> None:
                                   steer_layer=s["steer_layer"], coefs=cfg["coefs"], windows=cfg["windows"], gate=gate)
                     rec = dict(key, **bench_steerfast(h, *run.prompts[B], s["new_tokens"], s["warmup_tokens"],
                                                       run.device))
+                    rec["counted_step"] = counted_fast_step(h, B, min(s["base_prompt_len"], s["thinking_prompt_len"])
+                                                            + s["new_tokens"] // 2)
                 except Exception as e:  # noqa: BLE001 -- an unattended run records the failure and goes on
                     rec = dict(key, **common.error_record(e))
                 finally:  # each case starts from fresh caches and graphs: an earlier one cannot break it

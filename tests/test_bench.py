@@ -15,7 +15,7 @@ def test_bench_decode_cpu_smoke(tmp_path):
            "--new-tokens", "8", "--prompt-len", "8", "--out", str(out)]
     r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
-    assert "steerfast tok/s" in r.stdout and "% floor" in r.stdout
+    assert "steerfast tok/s" in r.stdout and "% floor" in r.stdout and "MB read/step" in r.stdout
 
     d = json.loads(out.read_text())
     env = d["env"]
@@ -39,6 +39,8 @@ def test_bench_decode_cpu_smoke(tmp_path):
         assert b["total"] == b["weight_bytes_read"] + b["kv_bytes_read"] > 0
         assert abs(b["modelargs_vs_params"]) < 0.01  # ModelArgs.weight_bytes agrees with the parameters
         assert floor["tokens_per_s"] > 0 and x["fraction_of_floor"] > 0
+        c = x["counted_step"]  # one step under launch_count (the torch backend on the CPU)
+        assert c["kernels"] > 0 and c["syncs"] == 0 and 1.0 <= x["counted_vs_floor_bytes"] < 1.5
 
 
 def test_bench_kernels_cpu_smoke(tmp_path):
@@ -206,6 +208,11 @@ def test_bench_hybrid_cpu_smoke(tmp_path):
     assert s["configs"]["b"]["windows"] == [0, -1, -15, -50, -100]
 
     main = [x for x in d["results"] if x["impl"] != "steerfast-context"]
+    for x in main:
+        if x["impl"] == "steerfast":  # the device-side step (config a) counted; the host loop not
+            c = x["counted_step"]
+            assert (c is None) == (x["config"] == "b")
+            assert c is None or (c["kernels"] > 0 and c["syncs"] == 0 and c["bytes_read"] > 0)
     cells = {(x["impl"], x["config"], x["batch"], x["gate"]) for x in main}
     assert cells == {(i, c, b, g) for i in ("steerfast", "naive") for c in "ab" for b in (1, 2)
                      for g in ("thinking", "0.12")}

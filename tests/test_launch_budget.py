@@ -63,3 +63,20 @@ def test_the_counter_sees_an_unfused_step():
         m.net(tokens, Context(input_pos=pos, kv_len=2))
         torch.tensor([1.0]).item()
     assert n.total > PER_LAYER * 2 + PER_STEP and n.syncs == 1, n
+
+
+def test_counted_bytes_are_the_weights_and_kv_and_little_else(monkeypatch):
+    """launch_count's bytes read by one greedy step (Triton path) against the floor's arithmetic
+    (bench.decode.bytes_per_step: weights once, the KV cache at the rows' length): every weight is
+    read once, the KV cache only up to each row's length, activations add a few percent."""
+    from bench.decode import bytes_per_step
+
+    monkeypatch.setenv("STEERFAST_BACKEND", "triton")
+    hf = tiny_hf("qwen2", layers=3, dtype=torch.float32)
+    m = sf.load_model(hf, device="cpu", dtype=torch.float32)
+    n = _one_step(m, 2)  # at position 5: 6 keys a row
+    floor = bytes_per_step(m, 2, 6)
+    assert floor["total"] <= n.total_bytes <= 1.1 * floor["total"], (n.total_bytes, floor)
+    kv_rows = 2 * 6 * 2 * hf.config.num_key_value_heads * 16 * 4  # rows x keys x (k, v) x heads x D x fp32
+    assert n.bytes_read["_decode_attention_kernel"] >= 3 * kv_rows  # three layers' caches, up to 6 keys
+    assert n.bytes_read["_decode_attention_kernel"] < 3 * kv_rows * 1.5  # not the whole 5-D cache
