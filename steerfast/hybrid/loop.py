@@ -51,6 +51,9 @@ class Hybrid:
     cat_map [n_latents] int: latent -> category (-1: none); default latent i is category i.
     tokenizers: (base_tokenizer, thinking_tokenizer) when the vocabularies differ: each base token
     is decoded and re-encoded for the thinking model, as the paper's code does.
+    scratch_rows, max_packed_tokens: a steered step's candidates re-run in chunks of at most this
+    many candidates (one extra base KV-cache row each) and about this many window positions
+    (activation memory); only the host loop (windows other than [-1]) uses them.
     """
 
     def __init__(self, base: Model, thinking: Model, sae: TopKSAE, vectors: torch.Tensor, bias: torch.Tensor | None,
