@@ -27,11 +27,13 @@ from .ops import steer_add_torch
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-# The Triton kernels are GEMVs: one program streams a slice of W once for a block of up to 64 rows.
-# Past 64 rows each further row block reads W again, and the shape is a GEMM's: there the automatic
-# choice (no backend named) is the reference, i.e. cuBLAS plus the epilogue as separate ops (project
-# issue 11: "the step picks by M"). This is the hybrid's packed candidate windows and wide fast steps.
-FUSED_MAX_M = 64
+# The Triton kernels are GEMVs: one program streams a slice of W once for a block of up to 64 rows;
+# each further row block reads W again (from L2 when the blocks run together). At a few blocks that is
+# still cheaper than leaving the fused epilogue (the hybrid's batch-16 fast step, 176 rows, ran on
+# them on the H200); a packed window re-run of thousands of rows is a GEMM, so past FUSED_MAX_M rows
+# the automatic choice (no backend named) is the reference: cuBLAS plus the epilogue as separate ops
+# (project issue 11: "the step picks by M"; the crossover itself is yet to be measured).
+FUSED_MAX_M = 256
 
 
 def _implemented(dtype, M: int = 1, backend: str | None = None) -> tuple[str, ...]:

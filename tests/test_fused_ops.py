@@ -343,8 +343,8 @@ def test_gpu_table_configs(M, dtype_tol, seed):
 
 
 def test_the_automatic_choice_leaves_gemm_shapes_to_the_reference(monkeypatch):
-    """Up to 64 rows (one row block: each weight read once) the fused kernels; past that the GEMM
-    shape goes to the reference (cuBLAS) unless a backend is named."""
+    """Up to FUSED_MAX_M rows the fused kernels; past that (the hybrid's packed windows) the GEMM shape
+    goes to the reference (cuBLAS) unless a backend is named."""
     from steerfast.fused_ops import FUSED_MAX_M, _implemented
 
     monkeypatch.delenv("STEERFAST_BACKEND", raising=False)
