@@ -276,13 +276,13 @@ def test_bench_check_step_reports_failing_tests_and_goes_on(tmp_path):
 
 
 def test_candidate_flops_counts_the_packed_reruns_matmuls(monkeypatch):
-    """bench.hybrid.candidate_flops against Hybrid's packed candidate re-run (float64: the torch
+    """bench.hybrid_cost.candidate_flops against Hybrid's packed candidate re-run (float64: the torch
     references): its matmul FLOPs equal those of every F.linear the re-run calls; attention is added
     by arithmetic."""
     import torch
 
     import steerfast as sf
-    from bench.hybrid import candidate_flops
+    from bench.hybrid_cost import candidate_flops
     from tiny_models import tiny_hf
 
     hf = tiny_hf("qwen2", layers=4, vocab=37, attention_bias=True)
