@@ -149,7 +149,8 @@ def counted_step(m, batch: int, context: int) -> dict:
     with count_launches() as n:
         m._decode_step(s, "greedy")
     return dict(kernels=n.total, bytes_read=n.total_bytes, syncs=n.syncs, context=context,
-                bytes_by_kernel=dict(n.bytes_read.most_common()), kernels_by_name=dict((n.aten + n.triton).most_common()))
+                bytes_by_kernel=dict(n.bytes_read.most_common()),
+                kernels_by_name=dict((n.aten + n.triton).most_common()))
 
 
 def bench_hf(hf, prompts, new_tokens: int, device) -> dict:

@@ -126,9 +126,9 @@ NOTES = dict(
     floor="per configuration and batch: batch / (bytes / copy bandwidth + s * batch * candidate FLOPs / "
           "matmul peak); bytes: base + thinking bytes per decode step (bench.decode.bytes_per_step: weights "
           "read + KV at the mean context prompt_len + new_tokens / 2); s: the row's steered share; "
-          "candidate FLOPs: one steered row's re-runs (bench.hybrid_cost.candidate_flops: 2 * upper-layer matmul params per "
-          "window position, 4 * heads * head_dim per attended key per upper layer, 2 * LM-head params per "
-          "candidate) at that mean context",
+          "candidate FLOPs: one steered row's re-runs (bench.hybrid_cost.candidate_flops: 2 * upper-layer "
+          "matmul params per window position, 4 * heads * head_dim per attended key per upper layer, 2 * "
+          "LM-head params per candidate) at that mean context",
     counted_step="windows [-1] (the device-side step) only: one step run eagerly under steerfast.launch_count on "
                  "the buffers generate used, both models at the mean context: its kernels and the bytes they "
                  "read, beside the floor's arithmetic bytes",
