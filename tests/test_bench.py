@@ -291,8 +291,9 @@ def test_candidate_flops_counts_the_packed_reruns_matmuls(monkeypatch):
     cfg = dict(coefs=[0.5, 2.0], windows=[0, -1, -4, -20])
     sae = sf.TopKSAE(W_enc=torch.randn(a.dim, 3), b_enc=torch.randn(3), W_dec=torch.randn(3, a.dim),
                      b_dec=torch.randn(a.dim), k=1)
-    h = sf.Hybrid(m, m, sae, torch.randn(3, a.dim), None, sae_layer=0, steer_layer=steer_layer, coefs=cfg["coefs"],
-                  windows=cfg["windows"])
+    think = sf.load_model(hf, device="cpu", dtype=torch.float64)
+    h = sf.Hybrid(m, think, sae, torch.randn(3, a.dim), None, sae_layer=0, steer_layer=steer_layer,
+                  coefs=cfg["coefs"], windows=cfg["windows"])
     m.ensure_cache(1 + 8, 32)
     residual = torch.randn(1, 32, a.dim, dtype=torch.float64)
     linear, flops = torch.nn.functional.linear, []

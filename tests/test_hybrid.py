@@ -165,6 +165,8 @@ def test_bad_hybrid_arguments():
     for err, kw in bad:
         with pytest.raises(err):
             sf.Hybrid(**(ok | kw))
+    with pytest.raises(errors.InvalidInputError, match="same Model"):
+        sf.Hybrid(**(ok | dict(thinking=base, sae=_controller(hf_b.config.hidden_size, hf_b.config.hidden_size)[0])))
     h = sf.Hybrid(**ok)
     with pytest.raises(errors.TokenOutOfRangeError):
         h.generate([[1, VOCAB]], [[1]], 4)

@@ -18,6 +18,7 @@ How it stays cheap:
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -63,6 +64,9 @@ class Hybrid:
                  fast: bool = True):
         if not isinstance(base, Model) or not isinstance(thinking, Model):
             raise InvalidInputError("base and thinking must be steerfast Models (steerfast.load_model)")
+        if base is thinking:
+            raise InvalidInputError("base and thinking are the same Model, so they would share one KV cache: "
+                                    "load the checkpoint twice (two steerfast.load_model calls)")
         ab, at = base.args, thinking.args
         for name, layer, n in (("sae_layer", sae_layer, at.n_layers), ("steer_layer", steer_layer, ab.n_layers)):
             if not isinstance(layer, int) or not 0 <= layer < n:
@@ -279,14 +283,20 @@ class Hybrid:
     def _advance(self, run: "_Run", tok, toks: list[int], logits_t, a):
         """Append the step's tokens to both sequences; the next step's logits and thinking residual."""
         base, think, B = self.base, self.thinking, run.B
+        side = self.settings.side if self.tokenizers is None else None
+        if self.tokenizers is None:  # same vocabulary: one token each, the graphed step, on the side
+            new_t = [[t] for t in toks]  # stream (one GPU) while the base model's runs on this one
+            if side is not None:
+                side.fork()
+            with side.run() if side is not None else contextlib.nullcontext():
+                pos_t = torch.tensor(run.Lt, dtype=torch.int32, device=think.device)
+                logits_t, a = think.forward_step(tok.to(think.device), pos_t, self.sae_layer)
         pos_b = torch.tensor(run.Lb, dtype=torch.int32, device=base.device)
         logits_b, cap = base.forward_step(tok, pos_b, self.steer_layer)  # a graph on the GPU
         run.residual[torch.arange(B, device=base.device), pos_b.long()] = cap
-        if self.tokenizers is None:  # same vocabulary: one token each, the graphed step
-            new_t = [[t] for t in toks]
-            pos_t = torch.tensor(run.Lt, dtype=torch.int32, device=think.device)
-            logits_t, a = think.forward_step(tok.to(think.device), pos_t, self.sae_layer)
-        else:
+        if side is not None:
+            side.join(logits_t, a)
+        if self.tokenizers is not None:
             new_t = [self._retokenize(t) for t in toks]
             width = max(map(len, new_t))  # _feed pads every row to this many positions
             if max(run.Lt) + width > think.cache_len:
