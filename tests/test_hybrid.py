@@ -142,6 +142,32 @@ def test_stops_at_base_eos_per_sequence_and_reports_counts():
     assert marked.count("[") == marked.count("]") and (("[" in marked) == any(res.steered[0]))
 
 
+@pytest.mark.parametrize("windows", [[-1], [0, -1, -3]], ids=["fast-path", "host-loop"])
+def test_a_batch_whose_rows_finish_at_different_times_equals_the_papers_loop(windows):
+    """Six sequences of different lengths, an EOS that ends some early and others not at all, the
+    gate steering different rows at each step: every row token for token and flag for flag."""
+    hf_b, hf_t = _pair("qwen2", "llama")
+    sae, vectors, bias = _controller(hf_t.config.hidden_size, hf_b.config.hidden_size)
+    base = sf.load_model(hf_b, device="cpu", dtype=torch.float64)
+    think = sf.load_model(hf_t, device="cpu", dtype=torch.float64)
+    kw = dict(sae_layer=2, steer_layer=1, coefs=[0.5, 3.0], windows=windows)
+    h = sf.Hybrid(base, think, sae, vectors, bias, scratch_rows=5, **kw)
+    bp, tp = random_prompts([3, 9, 5, 12, 4, 7], VOCAB), random_prompts([6, 4, 10, 5, 8, 3], VOCAB)
+    free = h.generate(bp, tp, max_new_tokens=16, eos_token_id=None)
+    # the EOS: a token some rows emit early and some never, so rows stop at different steps
+    firsts = {t: [seq.index(t) if t in seq else 99 for seq in free.tokens] for t in range(VOCAB)}
+    eos = max(firsts, key=lambda t: len(set(firsts[t])))
+    res = h.generate(bp, tp, max_new_tokens=16, eos_token_id=eos)
+    assert len({len(t) for t in res.tokens}) > 1, "rows must finish at different times"
+    for b in range(6):
+        tokens, steered = paper_hybrid(hf_b, hf_t, sae, vectors, bias, kw["sae_layer"], kw["steer_layer"],
+                                       kw["coefs"], windows, bp[b], tp[b], 16, eos=(eos,))
+        assert res.tokens[b] == tokens, b
+        assert res.steered[b] == steered, b
+    per_step = [{b for b in range(6) if i < len(res.steered[b]) and res.steered[b][i]} for i in range(16)]
+    assert len({frozenset(x) for x in per_step if x}) > 1, "the gate must steer different rows at different steps"
+
+
 def test_bad_hybrid_arguments():
     hf_b, hf_t = _pair("llama", "qwen2")
     sae, vectors, bias = _controller(hf_t.config.hidden_size, hf_b.config.hidden_size)
