@@ -9,7 +9,7 @@ Each step runs in its own process under its own time limit, and a failure never 
   decode      bench decode, short: Qwen2.5-1.5B at batch 1 and 16, Llama-3.1-8B at batch 1
   decode-pdl  the same Qwen2.5-1.5B batch 1 with programmatic dependent launch (--pdl; off by default)
   kernels     bench kernels, short: the Qwen2.5-1.5B shapes at batch 1
-  hybrid      bench hybrid, short: windows [-1] at batch 1 and 16
+  hybrid      bench hybrid, short: windows [-1] and the paper's grid at batch 1 and 16, the 12% gate
 Then one table: each step passed/failed with the failing test names and the first line of each
 error, and the headline figures (tok/s and % of the floor per preset and batch, hybrid tok/s and %
 of its floor).
@@ -65,9 +65,10 @@ def steps(out_dir: Path) -> list[dict]:
              cmd=[py, "-m", "bench", "kernels", "--sections", "topk,gemv", "--batches", "1", "--dims", "1536",
                   "--latents", "16384", "--gemv-models", "qwen2.5-1.5b", "--gemv-batches", "1", "--reps", "20",
                   "--out", str(out_dir / "check-kernels.json")]),
-        dict(name="hybrid", timeout=55, json=out_dir / "check-hybrid.json",  # config a at 1 and 16: ~25 s
+        dict(name="hybrid", timeout=55, json=out_dir / "check-hybrid.json",  # a (both gates) took ~25 s; b untimed
              cmd=[py, "-m", "bench", "hybrid", "--sections", "steerfast,floor", "--batches", "1,16",
-                  "--configs", "a", "--new-tokens", "32", "--out", str(out_dir / "check-hybrid.json")]),
+                  "--configs", "a,b", "--gates", "rate", "--new-tokens", "32",
+                  "--out", str(out_dir / "check-hybrid.json")]),
     ]
 
 

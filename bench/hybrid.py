@@ -10,7 +10,8 @@ after base layer --steer-layer (default 10). Prompts are random token ids (every
 Configurations (--configs):
   a   windows [-1], coefs 0.1, 0.2, ..., 1.0 (10 candidates per steered token)
   b   the paper's grid: coefs 0.1..1.0 x windows {0, -1, -15, -50, -100} (50 candidates)
-Gates, for each configuration x batch (--batches, default 1,16 on CUDA, 1,2 on CPU):
+Gates (--gates, default thinking,rate), for each configuration x batch (--batches, default 1,16 on
+CUDA, 1,2 on CPU):
   thinking   the paper's: steer when the thinking model's greedy token differs from the base's.
              Random models disagree almost always: the steered share it gave is recorded.
   <rate>     sf.Hybrid's synthetic gate (gate=--rate, default 0.12): steer at that fixed share of
@@ -159,6 +160,8 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup-tokens", type=int, default=None,
                    help=f"steerfast warm-up call's new tokens ({d('warmup_tokens')}; >= 9 steers once at 0.12)")
     p.add_argument("--rate", type=float, default=0.12, help="the synthetic gate's steered share (default 0.12)")
+    p.add_argument("--gates", type=common.str_list, default=["thinking", "rate"],
+                   help="comma-separated among thinking (the paper's), rate (the synthetic gate); default both")
     p.add_argument("--latents", type=int, default=15, help="SAE latents = categories (default 15)")
     p.add_argument("--sae-layer", type=int, default=None,
                    help="thinking layer the SAE reads (default 18; the last layer when the model has fewer)")
@@ -192,7 +195,7 @@ def settings(args, device: torch.device) -> dict:
              warmup_tokens=pick(args.warmup_tokens, "warmup_tokens"),
              contexts=args.contexts or common.int_list(DEFAULTS["contexts"][i]),
              context_new_tokens=pick(args.context_new_tokens, "context_new_tokens"),
-             rate=args.rate, latents=args.latents, seed=args.seed,
+             rate=args.rate, gates=list(args.gates), latents=args.latents, seed=args.seed,
              sae_layer=args.sae_layer if args.sae_layer is not None else min(18, n_layers - 1),
              steer_layer=args.steer_layer if args.steer_layer is not None else (
                  10 if n_layers > 18 else max(0, n_layers // 2 - 1)),
@@ -200,9 +203,11 @@ def settings(args, device: torch.device) -> dict:
              sae="random TopKSAE, k=1, W_enc/W_dec/b_enc/b_dec ~ N(0, 1) float32; vectors and bias ~ N(0, 1)",
              weight_init="N(0, 0.02) weights and biases, unit norm weights; base seed, thinking seed + 1",
              eos_token_id=None)
-    bad = [c for c in args.configs if c not in CONFIGS] + [x for x in args.sections if x not in SECTIONS]
+    bad = [c for c in args.configs if c not in CONFIGS] + [x for x in args.sections if x not in SECTIONS] + [
+        g for g in args.gates if g not in ("thinking", "rate")]
     if bad:
-        raise SystemExit(f"error: unknown configs/sections {bad}; configs {list(CONFIGS)}, sections {list(SECTIONS)}")
+        raise SystemExit(f"error: unknown configs/sections/gates {bad}; configs {list(CONFIGS)}, sections "
+                         f"{list(SECTIONS)}, gates thinking, rate")
     if not 0 < s["rate"] <= 1:
         raise SystemExit("error: --rate must be in (0, 1]")
     if min(s["batches"]) < 1 or min(s["base_prompt_len"], s["thinking_prompt_len"], s["new_tokens"],
@@ -271,7 +276,7 @@ def summarize(doc: dict, s: dict) -> list[dict]:
     rows = []
     for cfg in s["configs"]:
         for batch in s["batches"]:
-            for gate in ("thinking", gate_name(s["rate"])):
+            for gate in [gate_name(s["rate"]) if g == "rate" else g for g in s["gates"]]:
                 sfr = res.get(("steerfast", cfg, batch, gate), {})
                 nv = res.get(("naive", cfg, batch, gate), {})
                 ok = lambda r: r and "error" not in r  # noqa: E731
@@ -506,7 +511,7 @@ def run(args) -> int:
                   + (" (truncated)" if rec.get("truncated") else ""), flush=True)
         save()
 
-    run = _Sections(doc, s, device, prompts, ["thinking", s["rate"]], ctl, record, save)
+    run = _Sections(doc, s, device, prompts, [s["rate"] if g == "rate" else g for g in s["gates"]], ctl, record, save)
     if "steerfast" in s["sections"]:
         section_steerfast(run, base, think)
     if "floor" in s["sections"]:
