@@ -209,7 +209,7 @@ def test_candidates_pack_windows_without_padding():
     L = torch.randint(1, 40, (B,), generator=g).tolist()
     grid = [(c, w) for c in (0.5, 1.0) for w in (0, -1, -15, -50)]
     chunks = _pack_candidates(rows, [1, 0, 2, 4, 3], L, grid, B, scratch=3, max_tokens=30)
-    idx = torch.cat(chunks, 1)
+    idx = torch.cat([c for c, _ in chunks], 1)
     cand, pos, scratch, seq, first, cat, j = idx
     n = len(rows) * len(grid)
     widths = [L[rows[c // len(grid)]] if grid[c % len(grid)][1] == 0 else min(L[rows[c // len(grid)]], -grid[c % len(grid)][1])
@@ -219,8 +219,10 @@ def test_candidates_pack_windows_without_padding():
     assert (seq == torch.tensor(rows)[cand // len(grid)]).all() and (j == cand % len(grid)).all()
     assert (cat == torch.tensor([1, 0, 2, 4, 3])[seq]).all()
     assert ((first <= pos) & (pos < torch.tensor(L)[seq])).all()
-    for ch in chunks:
+    for ch, last in chunks:
         c = ch[0].unique()
+        assert (ch[0][last] == c).all() and (last == len(ch[0]) - 1).any()  # each candidate's last position
+        assert ((ch[1][last] + 1) == torch.tensor(L)[ch[3][last]]).all()  # is its sequence's current one
         assert len(c) <= 3 and (len(c) == 1 or ch.shape[1] <= 30)
         assert ((ch[2] >= B) & (ch[2] < B + 3)).all()
         assert len(ch[2].unique()) == len(c)  # one scratch row per candidate in a chunk

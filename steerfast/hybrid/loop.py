@@ -158,9 +158,11 @@ class Hybrid:
                                 self.max_packed_tokens)
         coefs = torch.tensor([c for c, _ in grid], dtype=torch.float32, device=dev)
         out = torch.empty(len(rows) * len(grid), dtype=torch.int64, device=dev)
-        for idx in plan:  # [7, T] int64 on the host: one transfer per chunk
-            cand, pos, scratch, seq, first, cat, coef_j = idx.to(dev).unbind(0)
-            last = torch.nonzero(torch.diff(cand, append=cand.new_full((1,), -1))).flatten()  # [n] end of each
+        for idx, last in plan:  # host tensors: one transfer per chunk
+            T = idx.shape[1]
+            flat = torch.cat([idx.flatten(), last]).to(dev)
+            cand, pos, scratch, seq, first, cat, coef_j = flat[:7 * T].view(7, T).unbind(0)
+            last = flat[7 * T:]  # [n] the row of each candidate's last position
             x = residual[seq, pos].contiguous()  # [T, d]
             pos32, first32 = pos.to(torch.int32), first.to(torch.int32)
             ops.steer_add_(x[:, None], pos32[:, None], first32, self.vectors, cat.to(torch.int32), coefs[coef_j],
@@ -365,12 +367,13 @@ class _Run:
 
 
 def _pack_candidates(rows: list[int], cats: list[int], L: list[int], grid: list[tuple[float, int]], B: int,
-                     scratch: int, max_tokens: int) -> list[torch.Tensor]:
+                     scratch: int, max_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The packed layout of one step's candidates (row r, grid entry j: candidate r * len(grid) + j),
     in chunks of at most `scratch` candidates (one scratch cache row each) and about `max_tokens`
-    positions (at least one candidate). Per chunk an int64 [7, T] host tensor, one column per
-    position: candidate, position, scratch cache row, sequence row, window start, category, grid
-    entry. Built with vectorised host ops: one transfer per chunk, not one index tensor per window."""
+    positions (at least one candidate). Per chunk two int64 host tensors: [7, T], a column per
+    position (candidate, position, scratch cache row, sequence row, window start, category, grid
+    entry), and [n], the column of each candidate's last position. Built with vectorised host ops:
+    one transfer per chunk, not one index tensor per window, and no device->host read."""
     assert scratch >= 1, "the base cache needs scratch rows past the batch"
     ng = len(grid)
     seq = torch.tensor(rows).repeat_interleave(ng)  # [n]
@@ -390,8 +393,8 @@ def _pack_candidates(rows: list[int], cats: list[int], L: list[int], grid: list[
         wc = width[c]
         cand = c.repeat_interleave(wc)
         offset = torch.arange(int(wc.sum())) - (wc.cumsum(0) - wc).repeat_interleave(wc)
-        chunks.append(torch.stack([cand, first[cand] + offset, B + cand - start, seq[cand], first[cand], cat[cand],
-                                   j[cand]]))
+        idx = torch.stack([cand, first[cand] + offset, B + cand - start, seq[cand], first[cand], cat[cand], j[cand]])
+        chunks.append((idx, wc.cumsum(0) - 1))
         start = stop
     return chunks
 
