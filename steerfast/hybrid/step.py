@@ -18,6 +18,7 @@ Captured into the graph as a fork and a join; on the CPU everything runs in orde
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -74,8 +75,10 @@ class SideStream:
 
 
 def side_stream(base_device: torch.device, thinking_device: torch.device) -> SideStream | None:
+    """The thinking model's stream when both models are on one GPU; none with STEERFAST_TWO_STREAMS=0
+    (one stream: the A/B switch for measuring the overlap)."""
     same = base_device.type == "cuda" and torch.device(thinking_device) == torch.device(base_device)
-    return SideStream(base_device) if same else None
+    return SideStream(base_device) if same and os.environ.get("STEERFAST_TWO_STREAMS", "1") != "0" else None
 
 
 @dataclass
