@@ -86,3 +86,22 @@ def test_programmatic_dependent_launch_decodes_the_same_tokens(seed, monkeypatch
     monkeypatch.setenv("STEERFAST_PDL", "1")
     for m in _models(hf):
         assert m.generate(prompts, 40, eos_token_id=None) == ref
+
+
+@pytest.mark.parametrize("windows", [[-1], [0, -1, -15]], ids=["fast-path", "paper-grid"])
+def test_hybrid_on_two_streams_equals_one_stream(windows, seed, monkeypatch):
+    """The thinking model on a second stream (the default with both models on one GPU) gives what
+    one stream gives (STEERFAST_TWO_STREAMS=0), graphed and eager, at batch 16."""
+    hf_b, hf_t, (sae, vectors, bias) = _hybrid_parts()
+    kw = dict(sae_layer=1, steer_layer=1, coefs=[0.5, 2.0, 6.0], windows=windows, gate=0.25)
+    bp = random_prompts(torch.randint(3, 30, (16,)).tolist(), VOCAB)
+    tp = random_prompts(torch.randint(3, 30, (16,)).tolist(), VOCAB)
+    runs = {}
+    for streams in ("1", "0"):
+        monkeypatch.setenv("STEERFAST_TWO_STREAMS", streams)
+        for (b, t) in zip(_models(hf_b), _models(hf_t)):  # graphed pair, then eager pair
+            h = sf.Hybrid(b, t, sae, vectors, bias, **kw)
+            assert (h.settings.side is not None) == (streams == "1")
+            r = h.generate(bp, tp, 32, eos_token_id=None)
+            runs[streams, b.eager] = (r.tokens, r.steered, r.category, r.coef, r.window)
+    assert len(set(map(repr, runs.values()))) == 1, "two streams changed the result"
