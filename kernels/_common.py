@@ -54,3 +54,11 @@ def pdl_launch(device: torch.device) -> dict:
     on = (os.environ.get("STEERFAST_PDL") == "1" and device.type == "cuda" and not triton_interpret()
           and _capability_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9)
     return dict(USE_PDL=True, launch_pdl=True) if on else dict(USE_PDL=False)
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of the device (4 for the interpreter, which runs programs one by one)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4

@@ -14,13 +14,11 @@ is read out of bounds: a length above S is taken as S, and a row of length 0 get
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import bf16_rtne, on_device, pdl_enter, pdl_launch, triton_interpret
+from ._common import bf16_rtne, num_sms, on_device, pdl_enter, pdl_launch, triton_interpret
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
@@ -175,18 +173,11 @@ def _decode_attention_combine_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter runs programs one after another: few splits, but still more than one
-
-
 def choose_num_splits(B: int, Hkv: int, S: int, device: torch.device) -> int:
     """Splits of the key axis so that B * Hkv * splits programs fill the GPU about twice, each
     with at least _MIN_KEYS_PER_SPLIT keys of a full-length row. Host-side, from shapes only."""
     programs = B * Hkv
-    target = triton.cdiv(2 * _num_sms(device), programs)
+    target = triton.cdiv(2 * num_sms(device), programs)
     return max(1, min(target, triton.cdiv(S, _MIN_KEYS_PER_SPLIT), _MAX_SPLITS))
 
 

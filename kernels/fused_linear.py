@@ -22,11 +22,13 @@ first argmax) per row to a [M, n_blocks] fp32/int32 workspace (logits never reac
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import bf16_rtne, on_device, pdl_enter, pdl_launch, triton_interpret
+from ._common import bf16_rtne, num_sms, on_device, pdl_enter, pdl_launch, triton_interpret
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_BLOCK_M = 64
@@ -98,7 +100,9 @@ def _fused_linear_kernel(
     sbias_ptr,  # [N_out] (HAS_STEER_BIAS)
     out_ptr,  # [M, N_out], contiguous (ARGMAX: [M, n_blocks] fp32 partial maxima)
     out_idx_ptr,  # [M, n_blocks] int32 (ARGMAX): their columns
-    M, N_out, K, eps,
+    ws_ptr,  # [SPLIT_K, M, N] fp32 (SPLIT_K > 1): each K split's partial sums
+    cnt_ptr,  # [n_tiles] int32 (SPLIT_K > 1): splits arrived per output tile; 0 between calls
+    M, N_out, K, eps, K_SPLIT,  # K_SPLIT: columns of K per split, a multiple of BLOCK_K
     HAS_NORM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SWIGLU: tl.constexpr,
@@ -112,6 +116,7 @@ def _fused_linear_kernel(
     DOT_PRECISION: tl.constexpr,
     INTERP_BF16: tl.constexpr,  # bf16 under TRITON_INTERPRET=1: see _common.bf16_rtne
     USE_PDL: tl.constexpr,  # programmatic dependent launch: see _common.pdl_enter
+    SPLIT_K: tl.constexpr,  # programs per output tile, each over K_SPLIT columns of K
 ):
     pdl_enter(USE_PDL)
     dtype = x_ptr.dtype.element_ty
@@ -128,7 +133,8 @@ def _fused_linear_kernel(
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # SWIGLU only
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = tl.program_id(2) * K_SPLIT
+    for k0 in range(k_lo, tl.minimum(k_lo + K_SPLIT, K), BLOCK_K):
         kk = k0 + offs_k
         k_mask = kk < K
         x = _x_tile(x_ptr, norm_ptr, rstd, offs_m, m_mask, kk, k_mask, K, HAS_NORM, INTERP_BF16)
@@ -137,6 +143,11 @@ def _fused_linear_kernel(
         if SWIGLU:
             w_up = _w_tile(w_ptr, N_out + offs_n, n_mask, kk, k_mask, K, INTERP_BF16)
             acc_up = tl.dot(x, tl.trans(w_up), acc_up, input_precision=DOT_PRECISION)
+
+    last = True  # where the program finishes the tile: with SPLIT_K, only in the last split to arrive
+    if SPLIT_K > 1:
+        acc, acc_up, last = _split_k_sum(acc, acc_up, ws_ptr, cnt_ptr, offs_m, offs_n, m_mask, n_mask, M, N_out,
+                                         SWIGLU, SPLIT_K)
 
     # epilogue, in fp32 holding dtype values: each rounding where eager torch rounds
     if HAS_BIAS:
@@ -154,8 +165,8 @@ def _fused_linear_kernel(
         best = tl.max(y, axis=1)  # [BLOCK_M]
         first = tl.min(tl.where(y == best[:, None], offs_n[None, :], 2147483647), axis=1)  # [BLOCK_M]
         n_blocks = tl.num_programs(0)
-        tl.store(out_ptr + offs_m.to(tl.int64) * n_blocks + pid_n, best, mask=m_mask)
-        tl.store(out_idx_ptr + offs_m.to(tl.int64) * n_blocks + pid_n, first, mask=m_mask)
+        tl.store(out_ptr + offs_m.to(tl.int64) * n_blocks + pid_n, best, mask=m_mask & last)
+        tl.store(out_idx_ptr + offs_m.to(tl.int64) * n_blocks + pid_n, first, mask=m_mask & last)
     else:
         tile = offs_m.to(tl.int64)[:, None] * N_out + offs_n[None, :]
         mn_mask = m_mask[:, None] & n_mask[None, :]
@@ -172,7 +183,37 @@ def _fused_linear_kernel(
                 v += tl.load(sbias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             coef = tl.load(coef_ptr + offs_m, mask=m_mask, other=0.0)
             y = tl.where(steered[:, None], _round(y + coef[:, None] * v, dtype, INTERP_BF16), y)
-        tl.store(out_ptr + tile, y.to(dtype), mask=mn_mask)
+        tl.store(out_ptr + tile, y.to(dtype), mask=mn_mask & last)
+
+
+@triton.jit
+def _split_k_sum(acc, acc_up, ws_ptr, cnt_ptr, offs_m, offs_n, m_mask, n_mask, M, N_out, SWIGLU: tl.constexpr,
+                 SPLIT_K: tl.constexpr):
+    """Split-K without atomics on the data, deterministic: each split stores its partial sums in its
+    own workspace slice, then counts itself in (an acq_rel atomic: its stores are visible to whoever
+    counts after it). The last to arrive adds the SPLIT_K slices in split order (the same sum every
+    run, whichever split came last), resets the counter for the next call, and finishes the tile."""
+    N = 2 * N_out if SWIGLU else N_out  # gate columns, then up columns
+    mn_mask = m_mask[:, None] & n_mask[None, :]
+    slice_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    split = tl.program_id(2)
+    mine = ws_ptr + split.to(tl.int64) * M * N + slice_off
+    tl.store(mine, acc, mask=mn_mask)
+    if SWIGLU:
+        tl.store(mine + N_out, acc_up, mask=mn_mask)
+    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    arrived = tl.atomic_add(cnt_ptr + tile, 1)  # splits before this one
+    last = (tl.zeros_like(acc).to(tl.int32) + arrived) == SPLIT_K - 1  # [BLOCK_M, BLOCK_N], all equal
+    sum_mask = mn_mask & last
+    acc = tl.zeros_like(acc)
+    acc_up = tl.zeros_like(acc_up)
+    for s in range(SPLIT_K):  # volatile: from L2, never a stale L1 line
+        part = ws_ptr + s * M.to(tl.int64) * N + slice_off
+        acc += tl.load(part, mask=sum_mask, other=0.0, volatile=True)
+        if SWIGLU:
+            acc_up += tl.load(part + N_out, mask=sum_mask, other=0.0, volatile=True)
+    tl.store(cnt_ptr + tile, 0, mask=arrived == SPLIT_K - 1)
+    return acc, acc_up, last
 
 
 @triton.jit
@@ -205,11 +246,29 @@ def _argmax_reduce_kernel(
 _INTERP_CONFIG = dict(BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=1)
 
 
-def gpu_config(M: int, N_out: int, K: int, swiglu: bool = False, argmax: bool = False, elt: int = 2) -> dict:
+def gpu_config(M: int, N_out: int, K: int, swiglu: bool = False, argmax: bool = False, elt: int = 2,
+               n_sms: int = 132) -> dict:
     """Block sizes for a real GPU, for elements of `elt` bytes (fp32: half the BLOCK_K, the same shared
-    memory per pipeline stage). See _gpu_config_16bit."""
+    memory per pipeline stage). See _gpu_config_16bit. SPLIT_K from STEERFAST_SPLIT_K (split_k_for)."""
     cfg = _gpu_config_16bit(M, N_out, K, swiglu, argmax)
-    return cfg | dict(BLOCK_K=cfg["BLOCK_K"] * 2 // elt)
+    cfg = cfg | dict(BLOCK_K=cfg["BLOCK_K"] * 2 // elt)
+    programs = triton.cdiv(N_out, cfg["BLOCK_N"]) * triton.cdiv(M, block_m(M))
+    return cfg if argmax else cfg | dict(SPLIT_K=split_k_for(programs, K, cfg["BLOCK_K"], n_sms))
+
+
+def split_k_for(programs: int, K: int, block_k: int, n_sms: int, mode: str | None = None) -> int:
+    """Programs per output tile. The table's tiles leave a 1.5B model's layers with fewer programs
+    than SMs (Qwen2.5-1.5B at M = 1: 70 for gate/up, 96 for down, on 132 SMs), so some SMs read
+    nothing; splitting K fills them. mode (default STEERFAST_SPLIT_K): unset or "1" one split (the
+    measured default until split-K is measured on the GPU), "auto" enough splits for about one
+    program per SM with at least two BLOCK_K steps each, an integer that many (capped the same)."""
+    mode = os.environ.get("STEERFAST_SPLIT_K", "1") if mode is None else mode
+    cap = max(1, K // (2 * block_k))
+    if mode == "auto":
+        want = 1 if programs >= n_sms else triton.next_power_of_2(triton.cdiv(n_sms, programs))
+    else:
+        want = int(mode)
+    return max(1, min(want, cap))
 
 
 def _gpu_config_16bit(M, N_out, K, swiglu, argmax):
@@ -242,6 +301,34 @@ def block_m(M: int) -> int:
     return min(MAX_BLOCK_M, max(16, triton.next_power_of_2(M)))
 
 
+_WORKSPACES: dict = {}  # (device, stream) -> (fp32 partial sums, int32 tile counters), grown as needed
+
+
+def _split_workspace(device: torch.device, n_ws: int, n_cnt: int):
+    """Split-K scratch that outlives the call (the counters stay zero between calls, the kernel resets
+    them; a step's graph captures these addresses): one pair per stream, since kernels on one stream
+    run one after another but two streams' could overlap. Allocated on first use, which a graph's
+    warm-up runs before its capture."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    ws, cnt = _WORKSPACES.get(key, (None, None))
+    if ws is None or ws.numel() < n_ws or cnt.numel() < n_cnt:
+        ws = torch.empty(max(n_ws, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
+        cnt = torch.zeros(max(n_cnt, 0 if cnt is None else cnt.numel()), dtype=torch.int32, device=device)
+        _WORKSPACES[key] = (ws, cnt)
+    return ws, cnt
+
+
+def _split_args(x, cfg, M: int, N: int, K: int, grid_nm: tuple[int, int]) -> tuple:
+    """(ws, cnt, K_SPLIT) for the launch: SPLIT_K programs per tile over K_SPLIT columns each."""
+    split = cfg.get("SPLIT_K", 1)
+    k_split = triton.cdiv(triton.cdiv(K, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    if split == 1:
+        return x, x, k_split
+    ws, cnt = _split_workspace(x.device, split * M * N, grid_nm[0] * grid_nm[1])
+    return ws, cnt, k_split
+
+
 def _flags(x):
     return dict(DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,  # fp32: no tf32 rounding
                 INTERP_BF16=x.dtype == torch.bfloat16 and triton_interpret())
@@ -269,10 +356,14 @@ def fused_linear(x, W, norm_weight=None, eps=0.0, bias=None, residual=None, swig
     flags = dict(HAS_NORM=norm_weight is not None, HAS_BIAS=bias is not None, SWIGLU=bool(swiglu),
                  HAS_RESIDUAL=residual is not None, HAS_STEER=has_steer,
                  HAS_STEER_BIAS=has_steer and steer_bias is not None, ARGMAX=False, BLOCK_M=BLOCK_M, **_flags(x))
-    cfg = config or (_INTERP_CONFIG if triton_interpret() else gpu_config(M, N_out, K, swiglu, elt=x.element_size()))
-    grid = (triton.cdiv(N_out, cfg["BLOCK_N"]), triton.cdiv(M, BLOCK_M))
+    cfg = dict(config or (_INTERP_CONFIG if triton_interpret() else gpu_config(
+        M, N_out, K, swiglu, elt=x.element_size(), n_sms=num_sms(x.device))))
+    split = cfg.pop("SPLIT_K", 1)
+    grid = (triton.cdiv(N_out, cfg["BLOCK_N"]), triton.cdiv(M, BLOCK_M), split)
+    ws, cnt, k_split = _split_args(x, cfg | dict(SPLIT_K=split), M, N, K, grid[:2])
     with on_device(x.device):
-        _fused_linear_kernel[grid](*args, **flags, **cfg, **pdl_launch(x.device))
+        _fused_linear_kernel[grid](*args[:13], ws, cnt, *args[13:], k_split, **flags, **cfg, SPLIT_K=split,
+                                   **pdl_launch(x.device))
     return out
 
 
@@ -291,11 +382,12 @@ def lm_head_argmax(x, W, norm_weight=None, eps=0.0, config=None):
     part_val = torch.empty((M, n_blocks), dtype=torch.float32, device=x.device)
     part_idx = torch.empty((M, n_blocks), dtype=torch.int32, device=x.device)
     with on_device(x.device):
-        _fused_linear_kernel[(n_blocks, triton.cdiv(M, BLOCK_M))](
-            x, W, norm_weight if norm_weight is not None else x, x, x, x, x, x, x, x, x, part_val, part_idx,
-            M, V, K, float(eps),
+        _fused_linear_kernel[(n_blocks, triton.cdiv(M, BLOCK_M), 1)](
+            x, W, norm_weight if norm_weight is not None else x, x, x, x, x, x, x, x, x, part_val, part_idx, x, x,
+            M, V, K, float(eps), K,
             HAS_NORM=norm_weight is not None, HAS_BIAS=False, SWIGLU=False, HAS_RESIDUAL=False, HAS_STEER=False,
-            HAS_STEER_BIAS=False, ARGMAX=True, BLOCK_M=BLOCK_M, **_flags(x), **cfg, **pdl_launch(x.device))
+            HAS_STEER_BIAS=False, ARGMAX=True, BLOCK_M=BLOCK_M, **_flags(x), **cfg, SPLIT_K=1,
+            **pdl_launch(x.device))
         _argmax_reduce_kernel[(M,)](part_val, part_idx, ids, n_blocks,
                                     BLOCK=min(1024, triton.next_power_of_2(n_blocks)), num_warps=4,
                                     **pdl_launch(x.device))

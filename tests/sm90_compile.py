@@ -12,6 +12,7 @@ or a block-size table that asks for more shared memory than the GPU has (an H200
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -108,6 +109,12 @@ def main(argv: list[str]) -> int:
         for dtype in (torch.bfloat16, torch.float32):
             for M in (1, 64):
                 _calls(presets.SHAPES[name], dtype, M)
+        # split-K as STEERFAST_SPLIT_K=auto picks it on a 132-SM H100/H200 (the small layers at M = 1)
+        os.environ["STEERFAST_SPLIT_K"] = "auto"
+        fused_linear.num_sms = lambda device: 132
+        for dtype in (torch.bfloat16, torch.float32):
+            _calls(presets.SHAPES[name], dtype, 1)
+        del os.environ["STEERFAST_SPLIT_K"]
     group[0] = "other"
     for dtype in (torch.bfloat16, torch.float32):
         _other_calls(dtype)

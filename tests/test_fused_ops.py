@@ -354,3 +354,56 @@ def test_the_automatic_choice_leaves_gemm_shapes_to_the_reference(monkeypatch):
     assert _implemented(torch.float64, 1) == ("torch",)
     monkeypatch.setenv("STEERFAST_BACKEND", "triton")
     assert _implemented(torch.float32, 4096) == ("triton", "torch")
+
+
+@pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
+@pytest.mark.parametrize("M, split", [(1, 2), (5, 3), (70, 4)])
+@pytest.mark.parametrize("dtype_tol", [DTYPES[0], DTYPES[2]])
+def test_split_k_fused_linear(M, split, dtype_tol, seed):
+    """fused_linear with K split over programs (config SPLIT_K; STEERFAST_SPLIT_K picks it on a GPU):
+    the last split to arrive sums every split's partials in order and finishes the tile. Under the
+    2x rule for plain, residual + steering and RMSNorm + SwiGLU; bitwise the same on a second call
+    (deterministic: the sum's order does not depend on which split arrives last); the tile counters
+    back at zero after each call."""
+    from steerfast.kernels import fused_linear as FL
+
+    dtype, atol, rtol = dtype_tol
+    K, I, d = 333, 150, 136  # K not a multiple of the splits' blocks
+    r = lambda *s, scale=1.0: (torch.randn(*s, device=DEVICE) * scale).to(dtype)  # noqa: E731
+    x, nw, res = r(M, K), (1 + 0.2 * torch.randn(K, device=DEVICE)).to(dtype), r(M, d)
+    cfg = dict(BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1, SPLIT_K=split)
+    what = f"M={M} split={split} {dtype} seed={seed}"
+    W13, b13 = r(2 * I, K, scale=K ** -0.5), r(2 * I, scale=0.5)
+    W2 = r(d, K, scale=K ** -0.5)
+    steer = (r(3, d), torch.randint(-1, 3, (M,), **I32), torch.rand(M, device=DEVICE) * 3,
+             torch.zeros(M, **I32), r(d))
+    pos = torch.zeros(M, **I32)
+    cases = [("norm+w13+swiglu", x, W13, dict(norm_weight=nw, eps=1e-5, bias=b13, swiglu=True)),
+             ("w2+res+steer", x, W2, dict(residual=res, steer=steer, input_pos=pos))]
+    for name, xx, W, kw in cases:
+        sv, si, sc, ss, sb = kw.get("steer") or (None,) * 5
+        run = lambda: FL.fused_linear(  # noqa: E731
+            xx, W, kw.get("norm_weight"), kw.get("eps", 0.0), kw.get("bias"), kw.get("residual"),
+            kw.get("swiglu", False), sv, si, sc, ss, sb, kw.get("input_pos"), config=cfg)
+        out = run()
+        ref = fo.fused_linear_torch(xx.double(), W.double(), **{k: _f64(v) if isinstance(v, torch.Tensor) else
+                                                                   (tuple(map(_f64, v)) if k == "steer" else v)
+                                                                   for k, v in kw.items()}, stats_dtype=torch.float64)
+        check_2x(out, ref, fo.fused_linear_torch(xx, W, **kw), atol, rtol, FLOOR[dtype], f"{name} {what}")
+        assert torch.equal(run(), out), f"{name} {what}: a second call differs"
+        for ws, cnt in FL._WORKSPACES.values():
+            assert not cnt.any(), f"{name} {what}: tile counters left non-zero"
+
+
+def test_split_k_choice():
+    """STEERFAST_SPLIT_K: off (1) unless asked; "auto" fills the SMs the tiles leave idle, each split at
+    least two BLOCK_K steps; a number is taken as given within that cap."""
+    from steerfast.kernels.fused_linear import split_k_for
+
+    assert split_k_for(70, 1536, 128, 132, mode="1") == 1
+    assert split_k_for(70, 1536, 128, 132, mode="auto") == 2  # Qwen2.5-1.5B gate/up at M = 1
+    assert split_k_for(12, 8960, 128, 132, mode="auto") == 16
+    assert split_k_for(12, 1536, 512, 132, mode="auto") == 1  # K too short to split
+    assert split_k_for(500, 4096, 128, 132, mode="auto") == 1  # enough programs already
+    assert split_k_for(10, 4096, 128, 132, mode="4") == 4
+    assert split_k_for(10, 4096, 128, 132, mode="64") == 16

@@ -105,3 +105,16 @@ def test_hybrid_on_two_streams_equals_one_stream(windows, seed, monkeypatch):
             r = h.generate(bp, tp, 32, eos_token_id=None)
             runs[streams, b.eager] = (r.tokens, r.steered, r.category, r.coef, r.window)
     assert len(set(map(repr, runs.values()))) == 1, "two streams changed the result"
+
+
+def test_split_k_decoding_is_deterministic_and_graphs_equal_eager(seed, monkeypatch):
+    """STEERFAST_SPLIT_K=auto (K split over programs, the last to arrive sums the partials in order):
+    graphed equals eager and a second run equals the first, token for token (fp16 to make the sums'
+    order matter more)."""
+    monkeypatch.setenv("STEERFAST_SPLIT_K", "auto")
+    hf = tiny_hf("llama", n_heads=8, n_kv_heads=2, head_dim=64, layers=2, dtype=torch.float16).cuda()
+    graphed, eager = [sf.load_model(hf, device="cuda", dtype=torch.float16, eager=e) for e in (False, True)]
+    prompts = random_prompts([5, 17, 9, 30])
+    first = graphed.generate(prompts, 48, eos_token_id=None)
+    assert graphed.generate(prompts, 48, eos_token_id=None) == first
+    assert eager.generate(prompts, 48, eos_token_id=None) == first
