@@ -101,7 +101,7 @@ def _fused_linear_kernel(
     out_ptr,  # [M, N_out], contiguous (ARGMAX: [M, n_blocks] fp32 partial maxima)
     out_idx_ptr,  # [M, n_blocks] int32 (ARGMAX): their columns
     ws_ptr,  # [SPLIT_K, M, N] fp32 (SPLIT_K > 1): each K split's partial sums
-    cnt_ptr,  # [n_tiles] int32 (SPLIT_K > 1): splits arrived per output tile; 0 between calls
+    cnt_ptr,  # [n_tiles] int32 (SPLIT_K > 1): splits arrived per output tile, zeroed by the launcher
     M, N_out, K, eps, K_SPLIT,  # K_SPLIT: columns of K per split, a multiple of BLOCK_K
     HAS_NORM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -192,7 +192,7 @@ def _split_k_sum(acc, acc_up, ws_ptr, cnt_ptr, offs_m, offs_n, m_mask, n_mask, M
     """Split-K without atomics on the data, deterministic: each split stores its partial sums in its
     own workspace slice, then counts itself in (an acq_rel atomic: its stores are visible to whoever
     counts after it). The last to arrive adds the SPLIT_K slices in split order (the same sum every
-    run, whichever split came last), resets the counter for the next call, and finishes the tile."""
+    run, whichever split came last) and finishes the tile."""
     N = 2 * N_out if SWIGLU else N_out  # gate columns, then up columns
     mn_mask = m_mask[:, None] & n_mask[None, :]
     slice_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
@@ -212,7 +212,6 @@ def _split_k_sum(acc, acc_up, ws_ptr, cnt_ptr, offs_m, offs_n, m_mask, n_mask, M
         acc += tl.load(part, mask=sum_mask, other=0.0, volatile=True)
         if SWIGLU:
             acc_up += tl.load(part + N_out, mask=sum_mask, other=0.0, volatile=True)
-    tl.store(cnt_ptr + tile, 0, mask=arrived == SPLIT_K - 1)
     return acc, acc_up, last
 
 
@@ -301,31 +300,16 @@ def block_m(M: int) -> int:
     return min(MAX_BLOCK_M, max(16, triton.next_power_of_2(M)))
 
 
-_WORKSPACES: dict = {}  # (device, stream) -> (fp32 partial sums, int32 tile counters), grown as needed
-
-
-def _split_workspace(device: torch.device, n_ws: int, n_cnt: int):
-    """Split-K scratch that outlives the call (the counters stay zero between calls, the kernel resets
-    them; a step's graph captures these addresses): one pair per stream, since kernels on one stream
-    run one after another but two streams' could overlap. Allocated on first use, which a graph's
-    warm-up runs before its capture."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    ws, cnt = _WORKSPACES.get(key, (None, None))
-    if ws is None or ws.numel() < n_ws or cnt.numel() < n_cnt:
-        ws = torch.empty(max(n_ws, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
-        cnt = torch.zeros(max(n_cnt, 0 if cnt is None else cnt.numel()), dtype=torch.int32, device=device)
-        _WORKSPACES[key] = (ws, cnt)
-    return ws, cnt
-
-
 def _split_args(x, cfg, M: int, N: int, K: int, grid_nm: tuple[int, int]) -> tuple:
     """(ws, cnt, K_SPLIT) for the launch: SPLIT_K programs per tile over K_SPLIT columns each."""
     split = cfg.get("SPLIT_K", 1)
     k_split = triton.cdiv(triton.cdiv(K, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     if split == 1:
         return x, x, k_split
-    ws, cnt = _split_workspace(x.device, split * M * N, grid_nm[0] * grid_nm[1])
+    # per call, not cached: a graph keeps its own (its pool), two streams never share one, and the
+    # counters' zeroing is one small memset node, the price of split-K
+    ws = torch.empty(split * M * N, dtype=torch.float32, device=x.device)
+    cnt = torch.zeros(grid_nm[0] * grid_nm[1], dtype=torch.int32, device=x.device)
     return ws, cnt, k_split
 
 
