@@ -75,10 +75,11 @@ def root(tmp_path_factory):
 def context(root):
     """The names the README's blocks take as given, in the tiny models' sizes."""
     m = sf.load_model(root / "model", device="cpu", dtype=torch.float32)
+    think = sf.load_model(root / "model", device="cpu", dtype=torch.float32)  # its own KV cache
     tok = char_tokenizer(512)
     prompts = [torch.randint(0, 512, (int(n),)).tolist() for n in torch.randint(2, 9, (2,))]
     return dict(
-        torch=torch, sf=sf, m=m, base=m, think=m, tokenizer=tok, prompts=prompts,
+        torch=torch, sf=sf, m=m, base=m, think=think, tokenizer=tok, prompts=prompts,
         base_prompts=prompts, thinking_prompts=[p[::-1] for p in prompts],
         vector=torch.randn(D), vectors=torch.randn(6, D), bias=torch.randn(D),
         sae=sf.TopKSAE.load(root / "taxonomy.safetensors"), x=torch.randn(5, D),

@@ -249,7 +249,7 @@ def test_emission_sweep_vectors_and_baselines(model, tmp_path):
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_vector_files_load_into_steering_and_hybrid(model, tmp_path):
+def test_vector_files_load_into_steering_and_hybrid(model, hf, tmp_path):
     v = torch.randn(model.args.dim, dtype=torch.float64)
     R.save_vector(tmp_path / "v.safetensors", v, model="tiny", layer=2, point="input", method="test")
     got, meta = R.load_vector(tmp_path / "v.safetensors")
@@ -273,7 +273,8 @@ def test_vector_files_load_into_steering_and_hybrid(model, tmp_path):
         R.hybrid_vectors(tmp_path / "in.safetensors", layer_convention="hf")
     d = model.args.dim
     sae = sf.TopKSAE(torch.randn(d, 2), torch.zeros(2), torch.randn(2, d), torch.zeros(d), k=1)
-    sf.Hybrid(model, model, sae, sae_layer=0, coefs=[1.0], windows=[-1], **kw)
+    sf.Hybrid(model, sf.load_model(hf, device="cpu", dtype=torch.float64), sae, sae_layer=0, coefs=[1.0],
+              windows=[-1], **kw)
     assert R.load_vectors([tmp_path / "set.safetensors"]).keys() == {"a", "b"}
 
 
