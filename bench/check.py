@@ -7,7 +7,8 @@ Each step runs in its own process under its own time limit, and a failure never 
   gpu-tests   python -m pytest -m gpu (pytest-xdist's -n when it is installed)
   memcheck    compute-sanitizer --tool memcheck over the CUDA-backend op tests (when on PATH)
   decode      bench decode, short: Qwen2.5-1.5B at batch 1 and 16, Llama-3.1-8B at batch 1
-  decode-pdl  the same Qwen2.5-1.5B batch 1 with programmatic dependent launch (--pdl; off by default)
+  decode-ab   the same Qwen2.5-1.5B batch 1 with the opt-in kernel settings (--variants pdl, splitk and
+              both: programmatic dependent launch, split-K), to decide whether they become defaults
   kernels     bench kernels, short: the Qwen2.5-1.5B shapes at batch 1
   hybrid      bench hybrid, short: windows [-1] and the paper's grid at batch 1 and 16, the 12% gate
 Then one table: each step passed/failed with the failing test names and the first line of each
@@ -42,7 +43,7 @@ def steps(out_dir: Path) -> list[dict]:
     py = sys.executable
     xdist = _has_module("xdist")
     return [
-        dict(name="extension", timeout=20, cmd=[py, "-c", EXTENSION_CHECK]),
+        dict(name="extension", timeout=10, cmd=[py, "-c", EXTENSION_CHECK]),
         dict(name="gpu-tests", timeout=90, junit=out_dir / "check-gpu-tests.xml",
              cmd=[py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
                   *(["-n", str(min(8, os.cpu_count() or 1))] if xdist else []),
@@ -58,9 +59,9 @@ def steps(out_dir: Path) -> list[dict]:
         dict(name="decode-8b", timeout=30, json=out_dir / "check-decode-8b.json",  # 21 s
              cmd=[py, "-m", "bench", "decode", "--models", "llama-3.1-8b", "--batches", "1", "--new-tokens", "64",
                   "--no-hf", "--out", str(out_dir / "check-decode-8b.json")]),
-        dict(name="decode-pdl", timeout=20, json=out_dir / "check-decode-pdl.json",  # STEERFAST_PDL=1, not yet timed
+        dict(name="decode-ab", timeout=30, json=out_dir / "check-decode-ab.json",  # not yet timed
              cmd=[py, "-m", "bench", "decode", "--models", "qwen2.5-1.5b", "--batches", "1", "--new-tokens", "64",
-                  "--no-hf", "--pdl", "--out", str(out_dir / "check-decode-pdl.json")]),
+                  "--no-hf", "--variants", "pdl,splitk,pdl+splitk", "--out", str(out_dir / "check-decode-ab.json")]),
         dict(name="kernels", timeout=30, json=out_dir / "check-kernels.json",
              cmd=[py, "-m", "bench", "kernels", "--sections", "topk,gemv", "--batches", "1", "--dims", "1536",
                   "--latents", "16384", "--gemv-models", "qwen2.5-1.5b", "--gemv-batches", "1", "--reps", "20",
@@ -140,10 +141,12 @@ def headlines(results: list[dict]) -> list[dict]:
         doc = rec.get("result") or {}
         if doc.get("bench") == "decode":
             for r in doc.get("results", []):
+                what = f"decode {r['model']} batch {r['batch']}" + (
+                    f" {r['variant']}" if r.get("variant", "default") != "default" else "")
                 if "error" in r:
-                    rows.append(dict(what=f"decode {r['model']} batch {r['batch']}", value="error"))
+                    rows.append(dict(what=what, value="error"))
                     continue
-                rows.append(dict(what=f"decode {r['model']} batch {r['batch']}",
+                rows.append(dict(what=what,
                                  value=f"{r['steerfast']['tokens_per_s']:.0f} tok/s, "
                                        f"{100 * r['fraction_of_floor']:.1f}% of floor"))
         elif doc.get("bench") == "hybrid":

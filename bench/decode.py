@@ -37,8 +37,11 @@ from . import common
 CUDA_MODELS = "qwen2.5-1.5b,llama-3.1-8b"
 CPU_MODELS = "tiny"
 
+# opt-in settings of the decode kernels, to be measured against each other before one becomes the default
+VARIANTS = {"default": {}, "pdl": {"STEERFAST_PDL": "1"}, "splitk": {"STEERFAST_SPLIT_K": "auto"},
+            "pdl+splitk": {"STEERFAST_PDL": "1", "STEERFAST_SPLIT_K": "auto"}}
 COLUMNS = [
-    ("model", "model"), ("batch", "batch"),
+    ("model", "model"), ("batch", "batch"), ("variant", "variant"),
     ("sf_tok_s", "steerfast tok/s"), ("sf_p50_ms", "p50 ms"), ("sf_p99_ms", "p99 ms"),
     ("hf_tok_s", "HF tok/s"), ("speedup", "vs HF"),
     ("floor_tok_s", "floor tok/s"), ("pct_floor", "% floor"), ("pct_floor_decode", "% floor decode"),
@@ -56,8 +59,10 @@ def add_arguments(p) -> None:
     p.add_argument("--hf-new-tokens", type=int, default=None,
                    help="new tokens for HF generate (default min(64, --new-tokens) on CUDA, --new-tokens on CPU)")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers generate")
-    p.add_argument("--pdl", action="store_true",
-                   help="programmatic dependent launch of the fused kernels (STEERFAST_PDL=1; compute capability >= 9)")
+    p.add_argument("--variants", type=common.str_list, default=["default"],
+                   help=f"comma-separated among {','.join(VARIANTS)}: each model x batch once per variant "
+                        "(pdl: STEERFAST_PDL=1, programmatic dependent launch, compute capability >= 9; splitk: "
+                        "STEERFAST_SPLIT_K=auto); default: default")
     p.add_argument("--device", default=None, help="default cuda when available, else cpu")
     p.add_argument("--dtype", choices=sorted(common.DTYPES), default="bf16")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
@@ -232,11 +237,12 @@ def bench_one(m, hf, name: str, batch: int, args, P: int, N: int, H: int, bw: di
 
 def table_row(r: dict) -> dict:
     if "error" in r:
-        return dict(model=r["model"], batch=r["batch"], sf_tok_s="error")
+        return dict(model=r["model"], batch=r["batch"], variant=r.get("variant"), sf_tok_s="error")
     lat, hf = r["steerfast"]["callback_run"]["latency_ms"], r["hf"] or {}
     hf_tps = "error" if "error" in hf else hf.get("tokens_per_s")
     pct = lambda x: None if x is None else 100 * x  # noqa: E731
-    return dict(model=r["model"], batch=r["batch"], sf_tok_s=r["steerfast"]["tokens_per_s"], sf_p50_ms=lat["p50"],
+    return dict(model=r["model"], batch=r["batch"], variant=r.get("variant"), sf_tok_s=r["steerfast"]["tokens_per_s"],
+                sf_p50_ms=lat["p50"],
                 sf_p99_ms=lat["p99"], hf_tok_s=hf_tps,
                 speedup=r["speedup_vs_hf"], floor_tok_s=r["floor"]["tokens_per_s"],
                 pct_floor=pct(r["fraction_of_floor"]), pct_floor_decode=pct(r["fraction_of_floor_decode"]),
@@ -261,11 +267,11 @@ def run(args) -> int:
     if P < 1 or N < 2 or H < 1 or min(batches) < 1:
         raise SystemExit("error: --prompt-len, --hf-new-tokens and batches must be >= 1, --new-tokens >= 2")
 
-    if args.pdl:
-        os.environ["STEERFAST_PDL"] = "1"
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad:
+        raise SystemExit(f"error: unknown --variants {bad}; choose from {list(VARIANTS)}")
     env = common.environment(device, dtype, getattr(args, "argv", []))
     env["attention_backend"] = attention_backend(device)
-    env["pdl"] = os.environ.get("STEERFAST_PDL") == "1"
     print(f"device: {env['device_name']} | torch {env['torch']} | triton {env['triton']} | "
           f"transformers {env['transformers']} | {env['dtype']} | decode attention: {env['attention_backend']['chosen']}")
     copy_mib = args.copy_mib or (1024 if cuda else 256)
@@ -274,12 +280,14 @@ def run(args) -> int:
           f"best of {bw['repeats']})")
 
     doc = dict(bench="decode", env=env,
-               settings=dict(models=models, batches=batches, prompt_len=P, new_tokens=N, hf_new_tokens=H,
+               settings=dict(models=models, batches=batches, variants={v: VARIANTS[v] for v in args.variants},
+                             prompt_len=P, new_tokens=N, hf_new_tokens=H,
                              hf=not args.no_hf, dtype=env["dtype"], device=str(device), seed=args.seed,
                              weight_init="N(0, 0.02) weights and biases, unit norm weights",
                              steerfast_load_model="eager=None (the default: CUDA graphs on CUDA, eager on CPU)"),
                copy_bandwidth=bw, notes=NOTES, models={}, results=[])
-    bar = progress.bar(total=len(models) * len(batches), desc="bench decode", unit="case", leave=False)
+    bar = progress.bar(total=len(models) * len(batches) * len(args.variants), desc="bench decode", unit="case",
+                       leave=False)
     for name in models:
         t0 = time.perf_counter()
         hf = random_hf_model(name, device, dtype, seed=args.seed)
@@ -289,19 +297,28 @@ def run(args) -> int:
         print(f"\n{name}: built in {doc['models'][name]['build_s']:.1f} s ({m.args.n_layers} layers, "
               f"dim {m.args.dim}, CUDA graphs {'off' if m.eager else 'on'})", flush=True)
         for batch in batches:
-            m.release()  # each batch starts from fresh caches and graphs: an earlier one cannot break it
-            common.free_memory(device)
-            try:
-                r = bench_one(m, None if args.no_hf else hf, name, batch, args, P, N, H, bw, device)
-            except Exception as e:  # noqa: BLE001 -- an unattended run records the failure and goes on
-                r = dict(model=name, batch=batch, **common.error_record(e))
-                print(f"  batch {batch}: ERROR {r['error']}", flush=True)
-            else:
-                row = table_row(r)
-                print(f"  batch {batch}: " + ", ".join(f"{h} {common.fmt(row[k])}" for k, h in COLUMNS[2:]), flush=True)
-            doc["results"].append(r)
-            common.write_json(args.out, doc)  # after every result: a crash later loses nothing
-            bar.update()
+            for variant in args.variants:
+                m.release()  # each case starts from fresh caches and graphs: an earlier one cannot break it
+                common.free_memory(device)
+                saved = {k: os.environ.get(k) for k in ("STEERFAST_PDL", "STEERFAST_SPLIT_K")}
+                os.environ.update(VARIANTS[variant])
+                try:
+                    r = dict(bench_one(m, None if args.no_hf else hf, name, batch, args, P, N, H, bw, device),
+                             variant=variant)
+                except Exception as e:  # noqa: BLE001 -- an unattended run records the failure and goes on
+                    r = dict(model=name, batch=batch, variant=variant, **common.error_record(e))
+                    print(f"  batch {batch} {variant}: ERROR {r['error']}", flush=True)
+                else:
+                    row = table_row(r)
+                    print(f"  batch {batch}: " + ", ".join(f"{h} {common.fmt(row[k])}" for k, h in COLUMNS[2:]),
+                          flush=True)
+                finally:
+                    for k, v in saved.items():
+                        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+                    m.release()  # graphs captured under this variant's kernels
+                doc["results"].append(r)
+                common.write_json(args.out, doc)  # after every result: a crash later loses nothing
+                bar.update()
         del hf, m
         common.free_memory(device)
 
@@ -311,7 +328,7 @@ def run(args) -> int:
     out = common.write_json(args.out, doc)
     rows = [table_row(r) for r in doc["results"] if "error" not in r]
     png = common.save_bar_chart(
-        out.with_suffix(".png"), [f"{r['model']} b{r['batch']}" for r in rows],
+        out.with_suffix(".png"), [f"{r['model']} b{r['batch']} {r['variant']}" for r in rows],
         {"steerfast": [r["sf_tok_s"] for r in rows],
          "HF generate": [r["hf_tok_s"] if isinstance(r["hf_tok_s"], float) else None for r in rows],
          "bandwidth floor": [r["floor_tok_s"] for r in rows]},

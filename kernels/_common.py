@@ -50,7 +50,7 @@ def _capability_major(index: int) -> int:
 def pdl_launch(device: torch.device) -> dict:
     """Launch keywords for a kernel that calls pdl_enter: programmatic dependent launch on a CUDA
     device of compute capability >= 9 when STEERFAST_PDL=1 (off by default until measured on the GPU:
-    `python -m bench decode --pdl`), never under the interpreter."""
+    `python -m bench decode --variants default,pdl`), never under the interpreter."""
     on = (os.environ.get("STEERFAST_PDL") == "1" and device.type == "cuda" and not triton_interpret()
           and _capability_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9)
     return dict(USE_PDL=True, launch_pdl=True) if on else dict(USE_PDL=False)

@@ -12,7 +12,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def test_bench_decode_cpu_smoke(tmp_path):
     out = tmp_path / "d.json"
     cmd = [sys.executable, "-m", "bench", "decode", "--device", "cpu", "--models", "tiny", "--batches", "1,2",
-           "--new-tokens", "8", "--prompt-len", "8", "--out", str(out)]
+           "--new-tokens", "8", "--prompt-len", "8", "--variants", "default,pdl", "--out", str(out)]
     r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
     assert "steerfast tok/s" in r.stdout and "% floor" in r.stdout and "MB read/step" in r.stdout
@@ -26,7 +26,9 @@ def test_bench_decode_cpu_smoke(tmp_path):
     assert env["attention_backend"]["chosen"] in ("cuda", "triton", "torch")
     assert d["copy_bandwidth"]["bytes_per_s"] > 0
 
-    assert [(x["model"], x["batch"]) for x in d["results"]] == [("tiny", 1), ("tiny", 2)]
+    assert [(x["model"], x["batch"], x["variant"]) for x in d["results"]] == [
+        ("tiny", b, v) for b in (1, 2) for v in ("default", "pdl")]
+    assert d["settings"]["variants"] == {"default": {}, "pdl": {"STEERFAST_PDL": "1"}}
     assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for x in d["results"]:
         assert "error" not in x, x["error"]
