@@ -16,6 +16,10 @@ from HBM exactly once per call. SWIGLU programs read gate rows n and up rows N_o
 silu(gate) * up is formed in registers. Each program computes the rstd of its x rows itself (x is
 M * K * 2 bytes, an L2 hit after the first program): no separate norm kernel, no xn in HBM.
 
+Split-K (SPLIT_K > 1, opt-in: split_k_for): programs per tile each reduce a slice of K; the last
+to arrive sums the slices in order (split_k_sum, also used by kernels/qkv_rope.py) and runs the
+epilogue. For layers whose tiles leave SMs idle at batch 1.
+
 `lm_head_argmax` reuses the kernel with an ARGMAX epilogue: each program writes its columns' (max,
 first argmax) per row to a [M, n_blocks] fp32/int32 workspace (logits never reach HBM), and
 `_argmax_reduce_kernel` picks each row's winner (ties: the lowest index, as torch.argmax).
@@ -146,8 +150,9 @@ def _fused_linear_kernel(
 
     last = True  # where the program finishes the tile: with SPLIT_K, only in the last split to arrive
     if SPLIT_K > 1:
-        acc, acc_up, last = _split_k_sum(acc, acc_up, ws_ptr, cnt_ptr, offs_m, offs_n, m_mask, n_mask, M, N_out,
-                                         SWIGLU, SPLIT_K)
+        acc, acc_up, last = split_k_sum(acc, acc_up, ws_ptr, cnt_ptr, offs_m, offs_n, m_mask[:, None] & n_mask[None, :],
+                                        M, 2 * N_out if SWIGLU else N_out, N_out, tl.program_id(2),
+                                        tl.program_id(1) * tl.num_programs(0) + pid_n, SWIGLU, SPLIT_K)
 
     # epilogue, in fp32 holding dtype values: each rounding where eager torch rounds
     if HAS_BIAS:
@@ -187,32 +192,29 @@ def _fused_linear_kernel(
 
 
 @triton.jit
-def _split_k_sum(acc, acc_up, ws_ptr, cnt_ptr, offs_m, offs_n, m_mask, n_mask, M, N_out, SWIGLU: tl.constexpr,
-                 SPLIT_K: tl.constexpr):
-    """Split-K without atomics on the data, deterministic: each split stores its partial sums in its
-    own workspace slice, then counts itself in (an acq_rel atomic: its stores are visible to whoever
+def split_k_sum(acc, acc2, ws_ptr, cnt_ptr, offs_m, cols, mc_mask, M, WS_COLS, second, split, tile,
+                TWO: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Split-K without atomics on the data, deterministic: each split stores its partial sums (acc at
+    columns `cols` of its slice of ws [SPLIT_K, M, WS_COLS], acc2 when TWO at cols + second), then
+    counts itself in on the tile's counter (an acq_rel atomic: its stores are visible to whoever
     counts after it). The last to arrive adds the SPLIT_K slices in split order (the same sum every
-    run, whichever split came last) and finishes the tile."""
-    N = 2 * N_out if SWIGLU else N_out  # gate columns, then up columns
-    mn_mask = m_mask[:, None] & n_mask[None, :]
-    slice_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    split = tl.program_id(2)
-    mine = ws_ptr + split.to(tl.int64) * M * N + slice_off
-    tl.store(mine, acc, mask=mn_mask)
-    if SWIGLU:
-        tl.store(mine + N_out, acc_up, mask=mn_mask)
-    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    run, whichever split came last) and finishes the tile: returns (acc, acc2, last [same shape])."""
+    slice_off = offs_m.to(tl.int64)[:, None] * WS_COLS + cols[None, :]
+    mine = ws_ptr + split.to(tl.int64) * M * WS_COLS + slice_off
+    tl.store(mine, acc, mask=mc_mask)
+    if TWO:
+        tl.store(mine + second, acc2, mask=mc_mask)
     arrived = tl.atomic_add(cnt_ptr + tile, 1)  # splits before this one
-    last = (tl.zeros_like(acc).to(tl.int32) + arrived) == SPLIT_K - 1  # [BLOCK_M, BLOCK_N], all equal
-    sum_mask = mn_mask & last
+    last = (tl.zeros_like(acc).to(tl.int32) + arrived) == SPLIT_K - 1  # all equal (a tensor: see the tests)
+    sum_mask = mc_mask & last
     acc = tl.zeros_like(acc)
-    acc_up = tl.zeros_like(acc_up)
+    acc2 = tl.zeros_like(acc2)
     for s in range(SPLIT_K):  # volatile: from L2, never a stale L1 line
-        part = ws_ptr + s * M.to(tl.int64) * N + slice_off
+        part = ws_ptr + s * M.to(tl.int64) * WS_COLS + slice_off
         acc += tl.load(part, mask=sum_mask, other=0.0, volatile=True)
-        if SWIGLU:
-            acc_up += tl.load(part + N_out, mask=sum_mask, other=0.0, volatile=True)
-    return acc, acc_up, last
+        if TWO:
+            acc2 += tl.load(part + second, mask=sum_mask, other=0.0, volatile=True)
+    return acc, acc2, last
 
 
 @triton.jit
@@ -257,8 +259,8 @@ def gpu_config(M: int, N_out: int, K: int, swiglu: bool = False, argmax: bool = 
 
 def split_k_for(programs: int, K: int, block_k: int, n_sms: int, mode: str | None = None) -> int:
     """Programs per output tile. The table's tiles leave a 1.5B model's layers with fewer programs
-    than SMs (Qwen2.5-1.5B at M = 1: 70 for gate/up, 96 for down, on 132 SMs), so some SMs read
-    nothing; splitting K fills them. mode (default STEERFAST_SPLIT_K): unset or "1" one split (the
+    than SMs (Qwen2.5-1.5B at M = 1: 32 for QKV, 70 for gate/up, 96 for down, on 132 SMs), so some
+    SMs read nothing; splitting K fills them. mode (default STEERFAST_SPLIT_K): unset or "1" one split (the
     measured default until split-K is measured on the GPU), "auto" enough splits for about one
     program per SM with at least two BLOCK_K steps each, an integer that many (capped the same)."""
     mode = os.environ.get("STEERFAST_SPLIT_K", "1") if mode is None else mode

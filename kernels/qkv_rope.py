@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import on_device, pdl_enter, pdl_launch, triton_interpret
-from .fused_linear import DTYPES, _round, _row_rstd, _w_tile, _x_tile, block_m
+from ._common import num_sms, on_device, pdl_enter, pdl_launch, triton_interpret
+from .fused_linear import DTYPES, _round, _row_rstd, _split_args, _w_tile, _x_tile, block_m, split_k_for, split_k_sum
 
 
 @triton.jit
@@ -35,7 +35,9 @@ def _qkv_rope_kernel(
     q_ptr,  # [M, H, D], contiguous (written)
     k_cache_ptr,  # [Bc, S, Hkv, D], last dim contiguous (written at [rows[m], pos[m]])
     v_cache_ptr,  # [Bc, S, Hkv, D], last dim contiguous (written at [rows[m], pos[m]])
-    M, K, eps, H, Hkv,
+    ws_ptr,  # [SPLIT_K, M, (H + 2 Hkv) * D] fp32 (SPLIT_K > 1): each K split's partial sums
+    cnt_ptr,  # [n_tiles] int32 (SPLIT_K > 1): splits arrived per tile, zeroed by the launcher
+    M, K, eps, H, Hkv, K_SPLIT,  # K_SPLIT: columns of K per split, a multiple of BLOCK_K
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     D: tl.constexpr,
@@ -47,12 +49,15 @@ def _qkv_rope_kernel(
     DOT_PRECISION: tl.constexpr,
     INTERP_BF16: tl.constexpr,  # bf16 under TRITON_INTERPRET=1: see _common.bf16_rtne
     USE_PDL: tl.constexpr,  # programmatic dependent launch: see _common.pdl_enter
+    SPLIT_K: tl.constexpr,  # programs per tile (axis 1 holds j blocks x splits), each over K_SPLIT of K
 ):
     pdl_enter(USE_PDL)
     HALF: tl.constexpr = D // 2
     dtype = x_ptr.dtype.element_ty
     head = tl.program_id(0)  # 0 .. H-1: q, H .. H+Hkv-1: k, then v
-    offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)  # dims j; their partners are j + HALF
+    j_block = tl.program_id(1) // SPLIT_K
+    split = tl.program_id(1) % SPLIT_K
+    offs_j = j_block * BLOCK_J + tl.arange(0, BLOCK_J)  # dims j; their partners are j + HALF
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     j_mask = offs_j < HALF
@@ -65,7 +70,8 @@ def _qkv_rope_kernel(
         rstd = _row_rstd(x_ptr, offs_m, m_mask, K, eps, 8192 // BLOCK_M)
     acc1 = tl.zeros([BLOCK_M, BLOCK_J], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_J], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = split * K_SPLIT
+    for k0 in range(k_lo, tl.minimum(k_lo + K_SPLIT, K), BLOCK_K):
         kk = k0 + offs_k
         k_mask = kk < K
         x = _x_tile(x_ptr, norm_ptr, rstd, offs_m, m_mask, kk, k_mask, K, HAS_NORM, INTERP_BF16)
@@ -73,6 +79,12 @@ def _qkv_rope_kernel(
                       input_precision=DOT_PRECISION)
         acc2 = tl.dot(x, tl.trans(_w_tile(w_ptr, rows2, j_mask, kk, k_mask, K, INTERP_BF16)), acc2,
                       input_precision=DOT_PRECISION)
+    last = True  # where the program finishes the tile: with SPLIT_K, only in the last split to arrive
+    if SPLIT_K > 1:
+        n_j = tl.num_programs(1) // SPLIT_K
+        tile = (tl.program_id(2) * n_j + j_block) * tl.num_programs(0) + head
+        acc1, acc2, last = split_k_sum(acc1, acc2, ws_ptr, cnt_ptr, offs_m, rows1, m_mask[:, None] & j_mask[None, :],
+                                       M, (H + 2 * Hkv) * D, HALF, split, tile, True, SPLIT_K)
     if HAS_BIAS:
         acc1 += tl.load(bias_ptr + rows1, mask=j_mask, other=0.0).to(tl.float32)[None, :]
         acc2 += tl.load(bias_ptr + rows2, mask=j_mask, other=0.0).to(tl.float32)[None, :]
@@ -80,7 +92,7 @@ def _qkv_rope_kernel(
     t2 = _round(acc2, dtype, INTERP_BF16)
 
     pos = tl.load(pos_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)  # [BLOCK_M]
-    mj_mask = m_mask[:, None] & j_mask[None, :]
+    mj_mask = m_mask[:, None] & j_mask[None, :] & last  # stores: the tile's finishing program only
     if head < H + Hkv:  # q or k: RoPE, out1 = t1 * c1 - t2 * s1, out2 = t2 * c2 + t1 * s2
         tab = pos[:, None] * D + offs_j[None, :]
         c1 = tl.load(cos_ptr + tab, mask=mj_mask, other=0.0).to(tl.float32)
@@ -126,16 +138,23 @@ def qkv_rope_kv_write(x, W, norm_weight, eps, bias, cos, sin, pos, rows, k_cache
     q = torch.empty((M, H, D), dtype=x.dtype, device=x.device)
     if M == 0:
         return q
-    cfg = config or _config(M, triton_interpret(), x.element_size())
+    cfg = dict(config or _config(M, triton_interpret(), x.element_size()))
     BLOCK_M = block_m(M)
-    grid = (H + 2 * Hkv, triton.cdiv(D // 2, cfg["BLOCK_J"]), triton.cdiv(M, BLOCK_M))
+    n_j, n_m = triton.cdiv(D // 2, cfg["BLOCK_J"]), triton.cdiv(M, BLOCK_M)
+    split = cfg.pop("SPLIT_K", None)
+    if split is None:  # STEERFAST_SPLIT_K: the 1.5B model's 16 heads give 32 programs at M = 1
+        split = 1 if triton_interpret() else split_k_for((H + 2 * Hkv) * n_j * n_m, K, cfg["BLOCK_K"],
+                                                           num_sms(x.device))
+    grid = (H + 2 * Hkv, n_j * split, n_m)
+    ws, cnt, k_split = _split_args(x, dict(cfg, SPLIT_K=split), M, (H + 2 * Hkv) * D, K, (grid[0] * n_j, n_m))
     with on_device(x.device):
         _qkv_rope_kernel[grid](
             x, W, norm_weight if norm_weight is not None else x, bias if bias is not None else x, cos, sin, pos, rows,
-            q, k_cache, v_cache, M, K, float(eps), H, Hkv,
+            q, k_cache, v_cache, ws, cnt, M, K, float(eps), H, Hkv, k_split,
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             D=D, HAS_NORM=norm_weight is not None, HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,
-            INTERP_BF16=x.dtype == torch.bfloat16 and triton_interpret(), **cfg, **pdl_launch(x.device))
+            INTERP_BF16=x.dtype == torch.bfloat16 and triton_interpret(), SPLIT_K=split, **cfg,
+            **pdl_launch(x.device))
     return q

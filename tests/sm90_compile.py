@@ -111,7 +111,7 @@ def main(argv: list[str]) -> int:
                 _calls(presets.SHAPES[name], dtype, M)
         # split-K as STEERFAST_SPLIT_K=auto picks it on a 132-SM H100/H200 (the small layers at M = 1)
         os.environ["STEERFAST_SPLIT_K"] = "auto"
-        fused_linear.num_sms = lambda device: 132
+        fused_linear.num_sms = qkv_rope.num_sms = lambda device: 132
         for dtype in (torch.bfloat16, torch.float32):
             _calls(presets.SHAPES[name], dtype, 1)
         del os.environ["STEERFAST_SPLIT_K"]

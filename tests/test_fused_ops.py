@@ -404,3 +404,44 @@ def test_split_k_choice():
     assert split_k_for(500, 4096, 128, 132, mode="auto") == 1  # enough programs already
     assert split_k_for(10, 4096, 128, 132, mode="4") == 4
     assert split_k_for(10, 4096, 128, 132, mode="64") == 16
+
+
+@pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
+@pytest.mark.parametrize("M, split", [(1, 2), (5, 3)])
+@pytest.mark.parametrize("dtype_tol", [DTYPES[0], DTYPES[2]])
+def test_split_k_qkv_rope(M, split, dtype_tol, seed):
+    """qkv_rope_kv_write with K split over programs: q, the cache writes (and nothing else in the
+    cache) under the 2x rule, bitwise the same on a second call."""
+    from steerfast.kernels import qkv_rope as QR
+
+    dtype, atol, rtol = dtype_tol
+    H, Hkv, D, S, K = 4, 2, 32, 12, 203
+    Bc = M + 2
+    r = lambda *s, scale=1.0: (torch.randn(*s, device=DEVICE) * scale).to(dtype)  # noqa: E731
+    x, nw = r(M, K), (1 + 0.2 * torch.randn(K, device=DEVICE)).to(dtype)
+    W, b = r((H + 2 * Hkv) * D, K, scale=K ** -0.5), r((H + 2 * Hkv) * D, scale=0.5)
+    cos, sin = _rope_tables(S, D, dtype)
+    pos = torch.randint(0, S, (M,), **I32)
+    rows = torch.randperm(Bc, device=DEVICE)[:M]
+    k0, v0 = r(Bc, S, Hkv, D), r(Bc, S, Hkv, D)
+    cfg = dict(BLOCK_J=16, BLOCK_K=32, num_warps=4, num_stages=1, SPLIT_K=split)
+    outs = []
+    for _ in range(2):
+        kc, vc = k0.clone(), v0.clone()
+        q = QR.qkv_rope_kv_write(x, W, nw, 1e-6, b, cos, sin, pos, rows, kc, vc, H, Hkv, config=cfg)
+        outs.append((q, kc, vc))
+    (q, kc, vc), (q2, kc2, vc2) = outs
+    assert torch.equal(q, q2) and torch.equal(kc, kc2) and torch.equal(vc, vc2), "a second call differs"
+    kr, vr = k0.double(), v0.double()
+    qr = fo.qkv_rope_kv_write_torch(x.double(), W.double(), nw.double(), 1e-6, b.double(), cos.double(), sin.double(),
+                                    pos, rows, kr, vr, H, Hkv, stats_dtype=torch.float64)
+    kb, vb = k0.clone(), v0.clone()
+    qb = fo.qkv_rope_kv_write_torch(x, W, nw, 1e-6, b, cos, sin, pos, rows, kb, vb, H, Hkv)
+    p = pos.long()
+    what = f"M={M} split={split} {dtype} seed={seed}"
+    for name, o, rf, bs in (("q", q, qr, qb), ("k", kc[rows, p], kr[rows, p], kb[rows, p]),
+                            ("v", vc[rows, p], vr[rows, p], vb[rows, p])):
+        check_2x(o, rf, bs, atol, rtol, FLOOR[dtype], f"qkv_rope {name} {what}")
+    written = torch.zeros(Bc, S, dtype=torch.bool, device=DEVICE)
+    written[rows, p] = True
+    assert torch.equal(kc[~written], k0[~written]) and torch.equal(vc[~written], v0[~written])

@@ -34,7 +34,8 @@ def test_kernels_compile_for_sm90_within_shared_memory_decode_ones_with_pdl():
         assert "error" not in row, row
         assert row["fits"], f"{row['kernel']} {row['constexprs']} needs {row['shared']} bytes of shared memory"
         assert row["pdl"] == row["launch_pdl"] == (row["group"] == "decode"), row
-    splits = {row["constexprs"]["SPLIT_K"] for row in rows if row["kernel"] == "_fused_linear_kernel"}
-    assert splits > {1}, "STEERFAST_SPLIT_K=auto split some layer's K (compiled above)"
+    for kernel in ("_fused_linear_kernel", "_qkv_rope_kernel"):
+        splits = {row["constexprs"]["SPLIT_K"] for row in rows if row["kernel"] == kernel}
+        assert splits > {1}, f"STEERFAST_SPLIT_K=auto split some {kernel} launch's K (so it compiled above)"
     fp32 = [row for row in rows if row["kernel"] == "_fused_linear_kernel" and row["constexprs"]["SWIGLU"]]
     assert max(row["shared"] for row in fp32) > 64 * 1024  # the fp32 configs are the ones near the limit
