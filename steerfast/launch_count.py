@@ -100,10 +100,10 @@ class _AtenCounter(TorchDispatchMode):
             ns, name = func.namespace, func._schema.name.split("::")[-1]
             if name == "_local_scalar_dense":
                 self.out.syncs += 1
-            elif ns == "steerfast" and _custom_op_body(func) is not None:
+            elif ns == "steerfast" and (body := _custom_op_body(func)) is not None:
                 # our custom ops: run their body here, so that what it launches (Triton or aten) is seen
                 with self:
-                    return _custom_op_body(func)(*args, **(kwargs or {}))
+                    return body(*args, **(kwargs or {}))
             elif ns == "aten" and name not in _FREE and not _is_view(func):
                 self.out.aten[name] += 1
                 out = func(*args, **(kwargs or {}))

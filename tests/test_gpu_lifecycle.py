@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import steerfast as sf
+from steerfast.hybrid.step import SideStream
 from tiny_models import random_prompts, tiny_hf
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -101,7 +102,7 @@ def test_hybrid_on_two_streams_equals_one_stream(windows, seed, monkeypatch):
         monkeypatch.setenv("STEERFAST_TWO_STREAMS", streams)
         for (b, t) in zip(_models(hf_b), _models(hf_t)):  # graphed pair, then eager pair
             h = sf.Hybrid(b, t, sae, vectors, bias, **kw)
-            assert (h.settings.side is not None) == (streams == "1")
+            assert isinstance(h.settings.side, SideStream) == (streams == "1")
             r = h.generate(bp, tp, 32, eos_token_id=None)
             runs[streams, b.eager] = (r.tokens, r.steered, r.category, r.coef, r.window)
     assert len(set(map(repr, runs.values()))) == 1, "two streams changed the result"

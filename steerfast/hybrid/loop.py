@@ -18,7 +18,6 @@ How it stays cheap:
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -285,20 +284,18 @@ class Hybrid:
     def _advance(self, run: "_Run", tok, toks: list[int], logits_t, a):
         """Append the step's tokens to both sequences; the next step's logits and thinking residual."""
         base, think, B = self.base, self.thinking, run.B
-        side = self.settings.side if self.tokenizers is None else None
+        side = self.settings.side
         if self.tokenizers is None:  # same vocabulary: one token each, the graphed step, on the side
             new_t = [[t] for t in toks]  # stream (one GPU) while the base model's runs on this one
-            if side is not None:
-                side.fork()
-            with side.run() if side is not None else contextlib.nullcontext():
+            with side.run():
                 pos_t = torch.tensor(run.Lt, dtype=torch.int32, device=think.device)
                 logits_t, a = think.forward_step(tok.to(think.device), pos_t, self.sae_layer)
         pos_b = torch.tensor(run.Lb, dtype=torch.int32, device=base.device)
         logits_b, cap = base.forward_step(tok, pos_b, self.steer_layer)  # a graph on the GPU
         run.residual[torch.arange(B, device=base.device), pos_b.long()] = cap
-        if side is not None:
+        if self.tokenizers is None:
             side.join(logits_t, a)
-        if self.tokenizers is not None:
+        else:
             new_t = [self._retokenize(t) for t in toks]
             width = max(map(len, new_t))  # _feed pads every row to this many positions
             if max(run.Lt) + width > think.cache_len:

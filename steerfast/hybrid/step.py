@@ -42,22 +42,22 @@ class StepSettings:
     sae_layer: int
     steer_layer: int
     gate: str | float
-    side: "SideStream | None" = None  # the thinking model's stream (both models on one GPU)
+    side: "SideStream | InOrder"  # the thinking model's stream (both models on one GPU)
 
 
 class SideStream:
-    """A second CUDA stream forked from the current one and joined back: work issued under `run()`
-    starts after everything the current stream had issued at fork(); `wait(event)` and `join()`
-    make the current stream wait for what the side had issued at that point."""
+    """The thinking model's CUDA stream: work issued under `run()` starts after everything the current
+    stream had issued when it began; `mark()` notes a point in it, `join()` makes the current stream
+    wait for the side (up to a mark)."""
 
     def __init__(self, device: torch.device):
         self.stream = torch.cuda.Stream(device)
 
-    def fork(self):
-        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
-
+    @contextlib.contextmanager
     def run(self):
-        return torch.cuda.stream(self.stream)
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with torch.cuda.stream(self.stream):
+            yield
 
     def mark(self) -> torch.cuda.Event:
         ev = torch.cuda.Event()
@@ -65,8 +65,8 @@ class SideStream:
         return ev
 
     def join(self, *made_here: torch.Tensor, event: torch.cuda.Event | None = None):
-        """The current stream waits for the side (up to `event`); tensors the side allocated and the
-        current stream reads are recorded as used there (eager mode's allocator would reuse them)."""
+        """Tensors the side allocated and the current stream reads are recorded as used there (in
+        eager mode the allocator would otherwise hand their memory out again too early)."""
         cur = torch.cuda.current_stream(self.stream.device)
         cur.wait_event(event) if event is not None else cur.wait_stream(self.stream)
         if not torch.cuda.is_current_stream_capturing():  # a graph's pool keeps its blocks anyway
@@ -74,11 +74,25 @@ class SideStream:
                 t.record_stream(cur)
 
 
-def side_stream(base_device: torch.device, thinking_device: torch.device) -> SideStream | None:
-    """The thinking model's stream when both models are on one GPU; none with STEERFAST_TWO_STREAMS=0
-    (one stream: the A/B switch for measuring the overlap)."""
+class InOrder:
+    """No second stream (the CPU, two devices, STEERFAST_TWO_STREAMS=0): SideStream's calls, everything
+    issued in order on the current stream."""
+
+    def run(self):
+        return contextlib.nullcontext()
+
+    def mark(self):
+        return None
+
+    def join(self, *made_here, event=None):
+        pass
+
+
+def side_stream(base_device: torch.device, thinking_device: torch.device) -> SideStream | InOrder:
+    """The thinking model's stream when both models are on one GPU, unless STEERFAST_TWO_STREAMS=0 (the
+    A/B switch for measuring the overlap)."""
     same = base_device.type == "cuda" and torch.device(thinking_device) == torch.device(base_device)
-    return SideStream(base_device) if same and os.environ.get("STEERFAST_TWO_STREAMS", "1") != "0" else None
+    return SideStream(base_device) if same and os.environ.get("STEERFAST_TWO_STREAMS", "1") != "0" else InOrder()
 
 
 @dataclass
@@ -119,23 +133,19 @@ def fast_step(h: StepSettings, s: StepState) -> None:
     Bb, dev = s.tok.shape[0], s.tok.device
     nc = s.coef_rows.shape[0] // Bb
     la = h.steer_layer + 1
-    side = h.side
     # the thinking model, on the side stream: its layers up to sae_layer and the controller, then the
     # rest and its logits; meanwhile the base rows run up to steer_layer, where the candidates branch off
-    if side is not None:
-        side.fork()
-    with side.run() if side is not None else contextlib.nullcontext():
+    with h.side.run():
         ctx_t = Context(input_pos=s.pos_t[:, None])
         tok_t = s.tok.to(h.thinking_device)
         a = think.decode_layers(think.tok_embeddings(tok_t), ctx_t, 0, h.sae_layer + 1)
         cat = h.sae.controller(a, h.cat_map, h.threshold, h.cat_coef).category.to(dev)
-        cat_ready = side.mark() if side is not None else None
+        cat_ready = h.side.mark()
         xt = think.decode_layers(a, ctx_t, h.sae_layer + 1, len(think.layers))
         logits_t = think.decode_head(xt, "logits")  # [Bb, V]
     ctx_b = Context(input_pos=s.pos_b[:, None])
     x = base.decode_layers(base.tok_embeddings(s.tok), ctx_b, 0, la)  # [Bb, d], unsteered
-    if side is not None:
-        side.join(cat, event=cat_ready)
+    h.side.join(cat, event=cat_ready)
 
     # rows c * Bb + b (c >= 1): coefficient c - 1 for sequence b, steered at the same position; row b
     # (c = 0) is the sequence itself. One pass of the upper layers reads their weights once for all
@@ -146,8 +156,7 @@ def fast_step(h: StepSettings, s: StepState) -> None:
     ops.steer_add_(xs[Bb:, None], pos[Bb:], s.zeros, h.vectors, cat.to(torch.int32).repeat(nc), s.coef_rows, h.bias)
     ctx_c = Context(input_pos=pos, rows=s.rows, prefix_rows=s.prefix_rows, prefix_lens=pos[:, 0])
     y = base.decode_head(base.decode_layers(xs, ctx_c, la, len(base.layers)), "argmax")  # [(nc+1)*Bb]
-    if side is not None:
-        side.join(logits_t)
+    h.side.join(logits_t)
     y = y.view(nc + 1, Bb).T  # [Bb, nc+1]
     y0, y_c = y[:, 0], y[:, 1:]
     if h.gate == "thinking":
