@@ -34,7 +34,8 @@ _TRITON_ACCESS = {
     "_fused_linear_kernel": dict(write={"out_ptr", "out_idx_ptr"}),
     "_argmax_reduce_kernel": dict(write={"out_ptr"}),
     "_qkv_rope_kernel": dict(write={"q_ptr", "k_cache_ptr", "v_cache_ptr"}, rows=({"cos_ptr", "sin_ptr"}, "pos_ptr")),
-    "_decode_attention_kernel": dict(write={"out_ptr", "m_ptr", "l_ptr", "acc_ptr"}, kv=({"k_ptr", "v_ptr"}, "seq_lens_ptr")),
+    "_decode_attention_kernel": dict(write={"out_ptr", "m_ptr", "l_ptr", "acc_ptr"},
+                                     kv=({"k_ptr", "v_ptr"}, "seq_lens_ptr")),
     "_decode_attention_combine_kernel": dict(write={"out_ptr"}),
     "_decode_tail_kernel": dict(write={"out_ptr"}),
 }

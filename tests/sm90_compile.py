@@ -121,12 +121,14 @@ def main(argv: list[str]) -> int:
     seen, target = set(), GPUTarget("cuda", 90, 32)
     for fn, args, kwargs, grp in launches:
         sig, consts, options = _signature(fn, args, kwargs)
-        key = (fn.__name__, json.dumps(sig, sort_keys=True), repr(sorted(consts.items())), repr(sorted(options.items())))
+        key = (fn.__name__, json.dumps(sig, sort_keys=True), repr(sorted(consts.items())),
+               repr(sorted(options.items())))
         if key in seen:
             continue
         seen.add(key)
         src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-        out = dict(kernel=fn.__name__, group=grp, constexprs={k: v for k, v in consts.items() if isinstance(v, (int, str, bool))},
+        shown = {k: v for k, v in consts.items() if isinstance(v, (int, str, bool))}
+        out = dict(kernel=fn.__name__, group=grp, constexprs=shown,
                    options=options)
         try:
             c = triton.compile(src, target=target, options=options)

@@ -212,8 +212,8 @@ def test_candidates_pack_windows_without_padding():
     idx = torch.cat([c for c, _ in chunks], 1)
     cand, pos, scratch, seq, first, cat, j = idx
     n = len(rows) * len(grid)
-    widths = [L[rows[c // len(grid)]] if grid[c % len(grid)][1] == 0 else min(L[rows[c // len(grid)]], -grid[c % len(grid)][1])
-              for c in range(n)]
+    lens_w = [(L[rows[c // len(grid)]], grid[c % len(grid)][1]) for c in range(n)]
+    widths = [n_len if w == 0 else min(n_len, -w) for n_len, w in lens_w]
     assert idx.shape[1] == sum(widths)
     assert torch.bincount(cand, minlength=n).tolist() == widths
     assert (seq == torch.tensor(rows)[cand // len(grid)]).all() and (j == cand % len(grid)).all()
