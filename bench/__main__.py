@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "decode": "decode throughput and latency: steerfast vs HF transformers vs the bandwidth floor",
     "kernels": "SAE encode / controller kernels per backend vs cuBLAS+topk and copy bandwidth; steering overhead",
     "hybrid": "sf.Hybrid (base + thinking model, SAE-gated steering) vs a naive transformers hybrid and the paper's loop",
+    "count": "kernels and bytes of a decode step and a hybrid step at real shapes, counted on the CPU (no GPU)",
 }
 
 

@@ -312,3 +312,22 @@ def test_candidate_flops_counts_the_packed_reruns_matmuls(monkeypatch):
     attention = 4 * a.n_heads * a.head_dim * n_upper * keys * len(cfg["coefs"])
     assert positions == 9 + 1 + 4 + 9
     assert mm > 0 and candidate_flops(m.net, steer_layer, cfg, L) == mm + attention
+
+
+def test_bench_count_cpu_smoke(tmp_path):
+    """`python -m bench count` (a dry run of the Triton path on the CPU) on the tiny preset: the decode
+    step within its kernel budget and reading about the floor's bytes, the hybrid step more of both,
+    no host sync in either."""
+    out = tmp_path / "c.json"
+    cmd = [sys.executable, "-m", "bench", "count", "--model", "tiny", "--batches", "1,2", "--context", "12",
+           "--out", str(out)]
+    r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["what"].split(",")[0], x["batch"]) for x in rows] == [
+        ("decode", 1), ("hybrid", 1), ("decode", 2), ("hybrid", 2)]
+    layers = 2  # the tiny preset
+    for dec, hyb in (rows[:2], rows[2:]):
+        assert dec["kernels"] <= 6 * layers + 4 < hyb["kernels"]
+        assert 1.0 <= dec["ratio"] < 1.1 and 1.0 <= hyb["ratio"] < 1.2 and hyb["floor_gb"] > dec["floor_gb"]
+        assert dec["syncs"] == hyb["syncs"] == 0
