@@ -302,16 +302,15 @@ def block_m(M: int) -> int:
     return min(MAX_BLOCK_M, max(16, triton.next_power_of_2(M)))
 
 
-def _split_args(x, cfg, M: int, N: int, K: int, grid_nm: tuple[int, int]) -> tuple:
-    """(ws, cnt, K_SPLIT) for the launch: SPLIT_K programs per tile over K_SPLIT columns each."""
-    split = cfg.get("SPLIT_K", 1)
-    k_split = triton.cdiv(triton.cdiv(K, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+def _split_args(x, split: int, block_k: int, M: int, N: int, K: int, n_tiles: int) -> tuple:
+    """(ws, cnt, K_SPLIT) for the launch: `split` programs per tile over K_SPLIT columns each."""
+    k_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
     if split == 1:
         return x, x, k_split
     # per call, not cached: a graph keeps its own (its pool), two streams never share one, and the
     # counters' zeroing is one small memset node, the price of split-K
     ws = torch.empty(split * M * N, dtype=torch.float32, device=x.device)
-    cnt = torch.zeros(grid_nm[0] * grid_nm[1], dtype=torch.int32, device=x.device)
+    cnt = torch.zeros(n_tiles, dtype=torch.int32, device=x.device)
     return ws, cnt, k_split
 
 
@@ -346,7 +345,7 @@ def fused_linear(x, W, norm_weight=None, eps=0.0, bias=None, residual=None, swig
         M, N_out, K, swiglu, elt=x.element_size(), n_sms=num_sms(x.device))))
     split = cfg.pop("SPLIT_K", 1)
     grid = (triton.cdiv(N_out, cfg["BLOCK_N"]), triton.cdiv(M, BLOCK_M), split)
-    ws, cnt, k_split = _split_args(x, cfg | dict(SPLIT_K=split), M, N, K, grid[:2])
+    ws, cnt, k_split = _split_args(x, split, cfg["BLOCK_K"], M, N, K, grid[0] * grid[1])
     with on_device(x.device):
         _fused_linear_kernel[grid](*args[:13], ws, cnt, *args[13:], k_split, **flags, **cfg, SPLIT_K=split,
                                    **pdl_launch(x.device))

@@ -146,7 +146,7 @@ def qkv_rope_kv_write(x, W, norm_weight, eps, bias, cos, sin, pos, rows, k_cache
         split = 1 if triton_interpret() else split_k_for((H + 2 * Hkv) * n_j * n_m, K, cfg["BLOCK_K"],
                                                            num_sms(x.device))
     grid = (H + 2 * Hkv, n_j * split, n_m)
-    ws, cnt, k_split = _split_args(x, dict(cfg, SPLIT_K=split), M, (H + 2 * Hkv) * D, K, (grid[0] * n_j, n_m))
+    ws, cnt, k_split = _split_args(x, split, cfg["BLOCK_K"], M, (H + 2 * Hkv) * D, K, grid[0] * n_j * n_m)
     with on_device(x.device):
         _qkv_rope_kernel[grid](
             x, W, norm_weight if norm_weight is not None else x, bias if bias is not None else x, cos, sin, pos, rows,
