@@ -69,6 +69,7 @@ class Context:
     prefix_rows: torch.Tensor | None = None  # [B]: with prefix_lens, row b attends keys below
     prefix_lens: torch.Tensor | None = None  # prefix_lens[b] in cache row prefix_rows[b] (its sequence's)
     seq_lens: torch.Tensor | None = None  # [B] int32, decode: keys each row attends (default input_pos + 1)
+    query_blocks: torch.Tensor | None = None  # [nb, 2] int32, with prefix_rows: rows sharing their keys
 
     def edits_at(self, layer: int) -> tuple[Steer | None, list[Add | Capture]]:
         steer = next((e for e in self.edits if isinstance(e, Steer) and e.layer == layer), None)
@@ -195,7 +196,8 @@ def decode_layer(layer: DecoderLayer, x, ctx: Context, k_cache, v_cache, cos_tab
                                     cos_table, sin_table, pos, ctx.rows, k_cache, v_cache, a.n_heads, a.n_kv_heads)
     if ctx.prefix_rows is not None:  # the hybrid's candidate rows: their sequence's prefix, in place
         y = ops.decode_attention(q, k_cache, v_cache, ctx.seq_lens, a.scale, rows=ctx.rows,
-                                 prefix_rows=ctx.prefix_rows, prefix_lens=ctx.prefix_lens)
+                                 prefix_rows=ctx.prefix_rows, prefix_lens=ctx.prefix_lens,
+                                 query_blocks=ctx.query_blocks)
     else:
         y = ops.decode_attention(q, k_cache[:B], v_cache[:B], ctx.seq_lens, a.scale)
     h = fused_ops.fused_linear(y.view(B, -1), a.wo.weight, bias=a.wo.bias, residual=x)

@@ -48,13 +48,17 @@ def decode_attention_torch(q, k_cache, v_cache, seq_lens, scale, rows=None, pref
 @torch.library.custom_op("steerfast::decode_attention", mutates_args=())
 def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                          scale: float, rows: torch.Tensor | None, prefix_rows: torch.Tensor | None,
-                         prefix_lens: torch.Tensor | None, backend: str) -> torch.Tensor:
+                         prefix_lens: torch.Tensor | None, query_blocks: torch.Tensor | None,
+                         backend: str) -> torch.Tensor:
     if backend == "cuda":  # flash-attn is the CUDA kernel for attention (never given a prefix)
         from flash_attn import flash_attn_with_kvcache
         B = q.shape[0]
         out = flash_attn_with_kvcache(q[:, None], k_cache[:B], v_cache[:B],
                                       cache_seqlens=seq_lens.to(torch.int32), softmax_scale=scale)
         return out[:, 0]
+    if backend == "triton" and query_blocks is not None:
+        from .kernels.window_attention import window_attention
+        return window_attention(q, k_cache, v_cache, seq_lens, scale, rows, prefix_rows, prefix_lens, query_blocks)
     if backend == "triton":
         from .kernels.decode_attention import decode_attention as triton_decode_attention
         return triton_decode_attention(q, k_cache, v_cache, seq_lens, scale, rows=rows, prefix_rows=prefix_rows,
@@ -63,8 +67,15 @@ def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 
 @_decode_attention_op.register_fake
-def _(q, k_cache, v_cache, seq_lens, scale, rows, prefix_rows, prefix_lens, backend):
+def _(q, k_cache, v_cache, seq_lens, scale, rows, prefix_rows, prefix_lens, query_blocks, backend):
     return torch.empty_like(q)
+
+
+def window_query_blocks(widths: torch.Tensor) -> torch.Tensor:
+    """The query blocks of decode_attention for windows of `widths` rows packed back to back
+    (host tensors): [nb, 2] int32 (first row, rows), no block spanning two windows."""
+    from .kernels.window_attention import window_query_blocks as blocks
+    return blocks(widths)
 
 
 _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None  # once: compiled graphs can't trace imports
@@ -82,22 +93,27 @@ def decode_attention_backends(dtype: torch.dtype = torch.bfloat16) -> tuple[str,
 
 
 def decode_attention(q, k_cache, v_cache, seq_lens, scale=None, backend=None, rows=None, prefix_rows=None,
-                     prefix_lens=None):
+                     prefix_lens=None, query_blocks=None):
     """One new query per row against that row's cached keys/values, reading only its own length.
     With rows, prefix_rows, prefix_lens ([B] each, all or none), row b's keys below prefix_lens[b]
-    come from cache row prefix_rows[b] and the rest from cache row rows[b]."""
+    come from cache row prefix_rows[b] and the rest from cache row rows[b]. query_blocks ([nb, 2]
+    int32, kernels.window_attention.window_query_blocks; with the prefix arguments only) says which
+    consecutive rows share their keys (one hybrid candidate window): the Triton backend then serves
+    each block in one program, reading each key once per block, not once per row. Same result."""
     assert q.dim() == 3 and k_cache.dim() == 4 and k_cache.shape == v_cache.shape
     assert q.shape[2] == k_cache.shape[3]
     assert q.shape[1] % k_cache.shape[2] == 0, "query heads must be a multiple of KV heads"
     assert seq_lens.shape == (q.shape[0],)
     assert (rows is None) == (prefix_rows is None) == (prefix_lens is None), "rows, prefix_rows, prefix_lens: all or none"
     assert rows is not None or q.shape[0] <= k_cache.shape[0]
+    assert query_blocks is None or rows is not None, "query_blocks go with rows, prefix_rows, prefix_lens"
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     implemented = decode_attention_backends(q.dtype)
     if rows is not None:
         implemented = tuple(b for b in implemented if b != "cuda")  # flash-attn reads one row per query
     b = _backend.choose("decode_attention", q.device, implemented, backend)
-    return _decode_attention_op(q, k_cache, v_cache, seq_lens, scale, rows, prefix_rows, prefix_lens, b)
+    return _decode_attention_op(q, k_cache, v_cache, seq_lens, scale, rows, prefix_rows, prefix_lens,
+                                query_blocks, b)
 
 
 # ---------------------------------------------------------------- steering add

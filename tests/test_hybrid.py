@@ -202,14 +202,17 @@ def test_bad_hybrid_arguments():
 
 def test_candidates_pack_windows_without_padding():
     """Every position of every candidate window once (varlen, no padding), chunks within the
-    scratch rows and the token budget, each position after its window start and inside its sequence."""
+    scratch rows and the token budget, each position after its window start and inside its sequence;
+    the attention's query blocks cover each chunk's columns once, each block consecutive positions
+    of one candidate."""
+    from steerfast.kernels.window_attention import BLOCK_Q
     from steerfast.hybrid.loop import _pack_candidates
     g = torch.Generator().manual_seed(0)
     rows, B = [0, 2, 3], 5
     L = torch.randint(1, 40, (B,), generator=g).tolist()
     grid = [(c, w) for c in (0.5, 1.0) for w in (0, -1, -15, -50)]
     chunks = _pack_candidates(rows, [1, 0, 2, 4, 3], L, grid, B, scratch=3, max_tokens=30)
-    idx = torch.cat([c for c, _ in chunks], 1)
+    idx = torch.cat([c for c, _, _ in chunks], 1)
     cand, pos, scratch, seq, first, cat, j = idx
     n = len(rows) * len(grid)
     lens_w = [(L[rows[c // len(grid)]], grid[c % len(grid)][1]) for c in range(n)]
@@ -219,8 +222,12 @@ def test_candidates_pack_windows_without_padding():
     assert (seq == torch.tensor(rows)[cand // len(grid)]).all() and (j == cand % len(grid)).all()
     assert (cat == torch.tensor([1, 0, 2, 4, 3])[seq]).all()
     assert ((first <= pos) & (pos < torch.tensor(L)[seq])).all()
-    for ch, last in chunks:
+    for ch, last, blocks in chunks:
         c = ch[0].unique()
+        covered = torch.cat([torch.arange(f, f + r) for f, r in blocks.tolist()])
+        assert torch.equal(covered, torch.arange(ch.shape[1])) and (blocks[:, 1] <= BLOCK_Q).all()
+        for f, r in blocks.tolist():
+            assert (ch[0][f:f + r] == ch[0][f]).all() and torch.equal(ch[1][f:f + r], ch[1][f] + torch.arange(r))
         assert (ch[0][last] == c).all() and (last == len(ch[0]) - 1).any()  # each candidate's last position
         assert ((ch[1][last] + 1) == torch.tensor(L)[ch[3][last]]).all()  # is its sequence's current one
         assert len(c) <= 3 and (len(c) == 1 or ch.shape[1] <= 30)
@@ -297,3 +304,40 @@ def test_callback_streams_each_steps_tokens(windows):
                      callback=lambda step, toks: seen.append((step, toks)))
     assert [s for s, _ in seen] == list(range(12))
     assert [[t[b] for _, t in seen] for b in range(2)] == res.tokens
+
+
+def test_packed_windows_on_the_triton_kernels_equal_the_torch_backend(monkeypatch):
+    """The paper's windows through the fused Triton path (interpreted here): candidate windows
+    attend block by block (kernels/window_attention.py), window 0 reaching the prompt's start;
+    token for token, flag for flag and choice for choice with the torch backend, in float32."""
+    from steerfast.backend import why_not
+    if why_not("triton", torch.device("cpu")):
+        pytest.skip(why_not("triton", torch.device("cpu")))
+    hf_b, hf_t = _pair("qwen2", "llama")
+    sae, vectors, bias = _controller(hf_t.config.hidden_size, hf_b.config.hidden_size)
+    sae, vectors, bias = sae.to("cpu", torch.float32), vectors.float(), bias.float()
+    base = sf.load_model(hf_b, device="cpu", dtype=torch.float32)
+    think = sf.load_model(hf_t, device="cpu", dtype=torch.float32)
+    h = sf.Hybrid(base, think, sae, vectors, bias, sae_layer=2, steer_layer=0, coefs=[0.5, 3.0],
+                  windows=[0, -1, -15], scratch_rows=3)
+    bp, tp = random_prompts([21, 4], VOCAB), random_prompts([6, 9], VOCAB)
+    ref = h.generate(bp, tp, max_new_tokens=5, eos_token_id=None)
+    monkeypatch.setenv("STEERFAST_BACKEND", "triton")
+    from steerfast.kernels import window_attention
+    calls = []
+    monkeypatch.setattr(window_attention, "_window_attention_kernel",
+                        _Counted(window_attention._window_attention_kernel, calls))
+    out = h.generate(bp, tp, max_new_tokens=5, eos_token_id=None)
+    assert calls, "the packed windows must run on the window-attention kernel"
+    assert (out.tokens, out.steered, out.coef) == (ref.tokens, ref.steered, ref.coef)
+    assert any(s for seq in out.steered for s in seq)
+
+
+class _Counted:
+    """A Triton kernel whose launches are counted."""
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        self.calls.append(grid)
+        return self.kernel[grid]

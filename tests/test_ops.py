@@ -164,6 +164,46 @@ def test_decode_attention_with_prefix_rows(num_splits, dtype_tol, backend, seed)
     check_2x(out, ref, base, atol, rtol, FLOOR[dtype], f"prefix decode_attention[{backend}] seed={seed}")
 
 
+WINDOW_SHAPES = [  # (Bc, S, H, Hkv, D, windows): windows of the packed candidates, 0 = the whole context
+    pytest.param((9, 150, 6, 2, 64, [0, 1, 15, 50, 0, 33]), id="qwen-like-gqa3"),
+    pytest.param((6, 123, 4, 4, 32, [5, 0, 17]), id="mha-D32"),
+    pytest.param((6, 70, 8, 1, 48, [1, 1, 16, 0]), id="mqa-D48"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:2])
+@pytest.mark.parametrize("dtype_tol", DTYPES)
+@pytest.mark.parametrize("shape", WINDOW_SHAPES)
+def test_decode_attention_over_packed_windows(shape, dtype_tol, backend, seed):
+    """The hybrid's packed candidate windows with their query blocks (the Triton backend serves a
+    block of rows per program: kernels/window_attention.py): each window's rows at consecutive
+    positions over its sequence's prefix, causal through seq_lens; against keys gathered by hand."""
+    Bc, S, H, Hkv, D, windows = shape
+    dtype, atol, rtol = dtype_tol
+    _skip_unavailable(backend, "decode_attention", dtype)
+    n = len(windows)
+    k_cache, v_cache = (torch.randn(Bc, S, Hkv, D, device=DEVICE).to(dtype) for _ in range(2))
+    seq_of = torch.randint(0, Bc - n, (n,)) if Bc > n else torch.zeros(n, dtype=torch.long)
+    length = torch.randint(1, S + 1, (n,))  # each candidate's sequence length
+    width = torch.tensor([L if w == 0 else min(w, L) for w, L in zip(windows, length.tolist())])
+    cand = torch.arange(n).repeat_interleave(width)
+    pos = (length - width)[cand] + torch.arange(int(width.sum())) - (width.cumsum(0) - width)[cand]
+    rows = (Bc - n + cand).to(DEVICE)  # one scratch row per candidate, after the sequences
+    prefix_rows, prefix_lens = seq_of[cand].to(DEVICE), (length - width)[cand].to(DEVICE, torch.int32)
+    seq_lens = (pos + 1).to(DEVICE, torch.int32)
+    blocks = ops.window_query_blocks(width).to(DEVICE)
+    q = torch.randn(len(pos), H, D, device=DEVICE).to(dtype)
+    scale = 1.0 / math.sqrt(D)
+    out = ops.decode_attention(q, k_cache, v_cache, seq_lens, scale, backend=backend, rows=rows,
+                               prefix_rows=prefix_rows, prefix_lens=prefix_lens, query_blocks=blocks)
+    j = torch.arange(S, device=DEVICE)[None, :]
+    src = torch.where(j < prefix_lens[:, None], prefix_rows[:, None], rows[:, None])
+    k_seen, v_seen = k_cache[src, j], v_cache[src, j]  # [T, S, Hkv, D], by hand
+    ref = attention_ref(q, k_seen, v_seen, seq_lens, scale, torch.float64)
+    base = attention_ref(q, k_seen, v_seen, seq_lens, scale, dtype)
+    check_2x(out, ref, base, atol, rtol, FLOOR[dtype], f"windowed decode_attention[{backend}] seed={seed}")
+
+
 @pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
 @pytest.mark.parametrize("num_splits", [1, 2, 5, 64])
 def test_decode_attention_triton_splits(num_splits, seed):

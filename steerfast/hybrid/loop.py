@@ -157,17 +157,18 @@ class Hybrid:
                                 self.max_packed_tokens)
         coefs = torch.tensor([c for c, _ in grid], dtype=torch.float32, device=dev)
         out = torch.empty(len(rows) * len(grid), dtype=torch.int64, device=dev)
-        for idx, last in plan:  # host tensors: one transfer per chunk
-            T = idx.shape[1]
-            flat = torch.cat([idx.flatten(), last]).to(dev)
+        for idx, last, blocks in plan:  # host tensors: one transfer per chunk
+            T, n = idx.shape[1], len(last)
+            flat = torch.cat([idx.flatten(), last, blocks.flatten()]).to(dev)
             cand, pos, scratch, seq, first, cat, coef_j = flat[:7 * T].view(7, T).unbind(0)
-            last = flat[7 * T:]  # [n] the row of each candidate's last position
+            last = flat[7 * T:7 * T + n]  # [n] the row of each candidate's last position
+            blocks = flat[7 * T + n:].view(-1, 2).to(torch.int32)
             x = residual[seq, pos].contiguous()  # [T, d]
             pos32, first32 = pos.to(torch.int32), first.to(torch.int32)
             ops.steer_add_(x[:, None], pos32[:, None], first32, self.vectors, cat.to(torch.int32), coefs[coef_j],
                            self.bias)
             ctx = Context(input_pos=pos32[:, None], rows=scratch, prefix_rows=seq, prefix_lens=first32,
-                          seq_lens=pos32 + 1)
+                          seq_lens=pos32 + 1, query_blocks=blocks)
             x = net.decode_layers(x, ctx, la, len(net.layers))
             out[cand[last]] = net.decode_head(x[last], "argmax")
         return out.view(len(rows), len(grid))
@@ -364,13 +365,14 @@ class _Run:
 
 
 def _pack_candidates(rows: list[int], cats: list[int], L: list[int], grid: list[tuple[float, int]], B: int,
-                     scratch: int, max_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                     scratch: int, max_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The packed layout of one step's candidates (row r, grid entry j: candidate r * len(grid) + j),
     in chunks of at most `scratch` candidates (one scratch cache row each) and about `max_tokens`
-    positions (at least one candidate). Per chunk two int64 host tensors: [7, T], a column per
+    positions (at least one candidate). Per chunk three host tensors: [7, T] int64, a column per
     position (candidate, position, scratch cache row, sequence row, window start, category, grid
-    entry), and [n], the column of each candidate's last position. Built with vectorised host ops:
-    one transfer per chunk, not one index tensor per window, and no device->host read."""
+    entry); [n] int64, the column of each candidate's last position; [nb, 2] int32, the attention's
+    query blocks (ops.window_query_blocks). Built with vectorised host ops: one transfer per chunk,
+    not one index tensor per window, and no device->host read."""
     assert scratch >= 1, "the base cache needs scratch rows past the batch"
     ng = len(grid)
     seq = torch.tensor(rows).repeat_interleave(ng)  # [n]
@@ -391,7 +393,7 @@ def _pack_candidates(rows: list[int], cats: list[int], L: list[int], grid: list[
         cand = c.repeat_interleave(wc)
         offset = torch.arange(int(wc.sum())) - (wc.cumsum(0) - wc).repeat_interleave(wc)
         idx = torch.stack([cand, first[cand] + offset, B + cand - start, seq[cand], first[cand], cat[cand], j[cand]])
-        chunks.append((idx, wc.cumsum(0) - 1))
+        chunks.append((idx, wc.cumsum(0) - 1, ops.window_query_blocks(wc)))
         start = stop
     return chunks
 
