@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from . import backend as _backend
+
 _M32 = 0xFFFFFFFF
 
 
@@ -30,20 +32,49 @@ def uniform_noise(seed: torch.Tensor, pos: torch.Tensor, vocab: int) -> torch.Te
     return ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
-def sample(logits, temperature, top_k, top_p, seed, pos, mode: str) -> torch.Tensor:
-    """logits [B, V]; temperature, top_p float32 [B]; top_k int64 [B] (V: off); seed int64 [B];
-    pos [B]: the position the chosen token will take. mode (host-side, fixed per graph):
-    'greedy', 'sample' or 'filter' (sample with top-k/top-p). Rows with temperature 0 are greedy."""
+def nucleus(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """[B, V] bool: the tokens top-k / top-p sampling keeps of x [B, V] (logits / temperature).
+    Tie-inclusive, so it does not depend on how a sort orders equal values: token i stays iff fewer
+    than top_k[b] tokens have a larger x and their probability is below top_p[b] (the top token
+    always stays)."""
+    sorted_x, order = x.sort(dim=-1, descending=True)
+    probs = sorted_x.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs
+    first = torch.searchsorted(-sorted_x, -sorted_x)  # [B, V] where each value's ties begin
+    keep = (first < top_k[:, None]) & (mass_before.gather(-1, first) < top_p[:, None])
+    return torch.zeros_like(keep).scatter(-1, order, keep)
+
+
+def sample_torch(logits, temperature, top_k, top_p, seed, pos, filter: bool) -> torch.Tensor:
+    """The reference: Gumbel-max over the nucleus (found by sorting each row) of logits / temperature."""
     greedy = logits.argmax(-1)
-    if mode == "greedy":
-        return greedy
     x = logits.float() / temperature.clamp(min=1e-6)[:, None]
-    if mode == "filter":
-        sorted_x, order = x.sort(dim=-1, descending=True)
-        rank = torch.arange(x.shape[-1], device=x.device)[None, :]
-        probs = sorted_x.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs
-        keep = (rank < top_k[:, None]) & (mass_before < top_p[:, None])  # the top token always stays
-        x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x.masked_fill(~keep, float("-inf")))
+    if filter:
+        x = x.masked_fill(~nucleus(x, top_k, top_p), float("-inf"))
     gumbel = -torch.log(-torch.log(uniform_noise(seed, pos, x.shape[-1])))
     return torch.where(temperature > 0, (x + gumbel).argmax(-1), greedy)
+
+
+@torch.library.custom_op("steerfast::sample", mutates_args=())
+def _sample_op(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+               seed: torch.Tensor, pos: torch.Tensor, filter: bool, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        from .kernels.sample import sample as triton_sample
+        return triton_sample(logits, temperature, top_k, top_p, seed, pos, filter)
+    return sample_torch(logits, temperature, top_k, top_p, seed, pos, filter)
+
+
+@_sample_op.register_fake
+def _(logits, temperature, top_k, top_p, seed, pos, filter, backend):
+    return logits.new_empty(logits.shape[0], dtype=torch.int64)
+
+
+def sample(logits, temperature, top_k, top_p, seed, pos, mode: str, backend: str | None = None) -> torch.Tensor:
+    """logits [B, V]; temperature, top_p float32 [B]; top_k int64 [B] (V: off); seed int64 [B];
+    pos [B]: the position the chosen token will take. mode (host-side, fixed per graph):
+    'greedy', 'sample' or 'filter' (sample with top-k/top-p). Rows with temperature 0 are greedy.
+    The Triton kernel (one program per row, no sort, no [B, V] noise in memory) on a GPU."""
+    if mode == "greedy":
+        return logits.argmax(-1)
+    b = _backend.choose("sample", logits.device, ("triton", "torch"), backend)
+    return _sample_op(logits.contiguous(), temperature, top_k, top_p, seed, pos, mode == "filter", b)

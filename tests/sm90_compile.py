@@ -23,7 +23,7 @@ from triton.runtime.jit import JITFunction
 
 from steerfast import presets
 from steerfast.kernels import decode_attention, decode_tail, fused_linear, qkv_rope, sae_controller, steer_add
-from steerfast.kernels import topk_sae_encode
+from steerfast.kernels import sample, topk_sae_encode, window_attention
 
 SM90_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
@@ -79,6 +79,8 @@ def _calls(shape: dict, dtype: torch.dtype, M: int):
         decode_attention.decode_attention(e(M, H, D), kc, vc, i32(M), D ** -0.5, num_splits=splits)
         decode_attention.decode_attention(e(M, H, D), kc, vc, i32(M), D ** -0.5, num_splits=splits, rows=rows,
                                           prefix_rows=rows, prefix_lens=i32(M))
+    blocks = window_attention.window_query_blocks(torch.tensor([M]))  # the hybrid's packed windows
+    window_attention.window_attention(e(M, H, D), kc, vc, i32(M), D ** -0.5, rows, rows, i32(M), blocks)
     decode_tail.decode_tail_(torch.zeros(M, dtype=torch.int64), torch.zeros(M, dtype=torch.bool),
                              torch.zeros(M, dtype=torch.int64), i32(M), i32(M), torch.zeros(M, dtype=torch.int64),
                              torch.zeros(M, 8, dtype=torch.int64), torch.zeros(M, 2, dtype=torch.int64))
@@ -92,6 +94,11 @@ def _other_calls(dtype: torch.dtype):
         topk_sae_encode.topk_sae_encode(e(B, d), e(d, n), e(n), e(d), k)
     for B, d, n in ((1, 1536, 15), (64, 4096, 50)):
         sae_controller.sae_controller(e(B, d), e(d, n), e(n), e(d), i32(n), 0.0, torch.zeros(n))
+    for B, V in ((1, 151936), (64, 128256)):  # sampling at the presets' vocabularies
+        f32 = torch.zeros(B)
+        for flt in (False, True):
+            sample.sample(e(B, V), f32, torch.zeros(B, dtype=torch.int64), f32, torch.zeros(B, dtype=torch.int64),
+                          i32(B), flt)
     for B, T, d in ((1, 1, 1536), (16, 128, 4096)):
         steer_add.steer_add_(e(B, T, d), i32(B * T).view(B, T), i32(B), e(5, d), i32(B), torch.zeros(B), e(d))
         steer_add.steer_residual_add(e(B, T, d), e(B, T, d), i32(B * T).view(B, T), i32(B), e(5, d), i32(B),
@@ -102,7 +109,7 @@ def main(argv: list[str]) -> int:
     pdl = "--pdl" in argv
     models = [a for a in argv if not a.startswith("--")] or ["qwen2.5-1.5b", "llama-3.1-8b"]
     JITFunction.run = _record
-    for mod in (decode_attention, decode_tail, fused_linear, qkv_rope):
+    for mod in (decode_attention, decode_tail, fused_linear, qkv_rope, window_attention):
         if pdl:
             mod.pdl_launch = lambda device: dict(USE_PDL=True, launch_pdl=True)
     for name in models:

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 DECODE = {"_fused_linear_kernel", "_argmax_reduce_kernel", "_qkv_rope_kernel", "_decode_attention_kernel",
-          "_decode_attention_combine_kernel", "_decode_tail_kernel"}
+          "_decode_attention_combine_kernel", "_decode_tail_kernel", "_window_attention_kernel"}
 OTHER = {"_topk_sae_encode_kernel", "_topk_sae_merge_kernel", "_sae_controller_kernel", "_steer_add_kernel",
-         "_steer_residual_add_kernel"}
+         "_steer_residual_add_kernel", "_sample_kernel"}
 
 
 def test_kernels_compile_for_sm90_within_shared_memory_decode_ones_with_pdl():
