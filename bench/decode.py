@@ -39,7 +39,9 @@ CPU_MODELS = "tiny"
 
 # opt-in settings of the decode kernels, to be measured against each other before one becomes the default
 VARIANTS = {"default": {}, "pdl": {"STEERFAST_PDL": "1"}, "splitk": {"STEERFAST_SPLIT_K": "auto"},
-            "pdl+splitk": {"STEERFAST_PDL": "1", "STEERFAST_SPLIT_K": "auto"}}
+            "pdl+splitk": {"STEERFAST_PDL": "1", "STEERFAST_SPLIT_K": "auto"}, "top-p": {}}
+# variants that sample instead of decoding greedily: what the sampling step costs over the greedy head
+SAMPLING = {"top-p": dict(temperature=1.0, top_p=0.9, seed=0)}
 COLUMNS = [
     ("model", "model"), ("batch", "batch"), ("variant", "variant"),
     ("sf_tok_s", "steerfast tok/s"), ("sf_p50_ms", "p50 ms"), ("sf_p99_ms", "p99 ms"),
@@ -62,7 +64,8 @@ def add_arguments(p) -> None:
     p.add_argument("--variants", type=common.str_list, default=["default"],
                    help=f"comma-separated among {','.join(VARIANTS)}: each model x batch once per variant "
                         "(pdl: STEERFAST_PDL=1, programmatic dependent launch, compute capability >= 9; splitk: "
-                        "STEERFAST_SPLIT_K=auto); default: default")
+                        "STEERFAST_SPLIT_K=auto; top-p: sampling, temperature 1, top_p 0.9, without the HF "
+                        "comparison); default: default")
     p.add_argument("--device", default=None, help="default cuda when available, else cpu")
     p.add_argument("--dtype", choices=sorted(common.DTYPES), default="bf16")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
@@ -111,9 +114,9 @@ def bytes_per_step(m, batch: int, mean_context: float) -> dict:
 
 
 # ---------------------------------------------------------------- one model x batch
-def bench_steerfast(m, prompts, new_tokens: int, device) -> dict:
+def bench_steerfast(m, prompts, new_tokens: int, device, sampling: dict | None = None) -> dict:
     batch = len(prompts)
-    kw = dict(max_new_tokens=new_tokens, eos_token_id=None)
+    kw = dict(max_new_tokens=new_tokens, eos_token_id=None, **(sampling or {}))
     m.generate(prompts, **kw)  # warm-up: same shape, so the graph it captures is the one timed
     out, wall = common.timed(lambda: m.generate(prompts, **kw), device)
     n = sum(len(o) for o in out)
@@ -204,11 +207,12 @@ NOTES = dict(
 )
 
 
-def bench_one(m, hf, name: str, batch: int, args, P: int, N: int, H: int, bw: dict, device) -> dict:
+def bench_one(m, hf, name: str, batch: int, args, P: int, N: int, H: int, bw: dict, device,
+              sampling: dict | None = None) -> dict:
     """Everything measured for one model x batch (see the module docstring)."""
     g = torch.Generator().manual_seed(args.seed * 7919 + batch)
     prompts = torch.randint(0, m.args.vocab_size, (batch, P), generator=g).tolist()
-    sfr = bench_steerfast(m, prompts, N, device)
+    sfr = bench_steerfast(m, prompts, N, device, sampling)
     sf_out = sfr.pop("_out")
     hfr = None
     if hf is not None:
@@ -280,7 +284,8 @@ def run(args) -> int:
           f"best of {bw['repeats']})")
 
     doc = dict(bench="decode", env=env,
-               settings=dict(models=models, batches=batches, variants={v: VARIANTS[v] for v in args.variants},
+               settings=dict(models=models, batches=batches,
+                             variants={v: dict(VARIANTS[v], **SAMPLING.get(v, {})) for v in args.variants},
                              prompt_len=P, new_tokens=N, hf_new_tokens=H,
                              hf=not args.no_hf, dtype=env["dtype"], device=str(device), seed=args.seed,
                              weight_init="N(0, 0.02) weights and biases, unit norm weights",
@@ -303,7 +308,8 @@ def run(args) -> int:
                 saved = {k: os.environ.get(k) for k in ("STEERFAST_PDL", "STEERFAST_SPLIT_K")}
                 os.environ.update(VARIANTS[variant])
                 try:
-                    r = dict(bench_one(m, None if args.no_hf else hf, name, batch, args, P, N, H, bw, device),
+                    hf_cmp = None if args.no_hf or variant in SAMPLING else hf  # HF's is greedy
+                    r = dict(bench_one(m, hf_cmp, name, batch, args, P, N, H, bw, device, SAMPLING.get(variant)),
                              variant=variant)
                 except Exception as e:  # noqa: BLE001 -- an unattended run records the failure and goes on
                     r = dict(model=name, batch=batch, variant=variant, **common.error_record(e))
