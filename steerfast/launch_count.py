@@ -38,6 +38,10 @@ _TRITON_ACCESS = {
                                      kv=({"k_ptr", "v_ptr"}, "seq_lens_ptr")),
     "_decode_attention_combine_kernel": dict(write={"out_ptr"}),
     "_decode_tail_kernel": dict(write={"out_ptr"}),
+    # one program per query block: the block's keys once, up to its longest row (the last)
+    "_window_attention_kernel": dict(write={"out_ptr"}, kv=({"k_ptr", "v_ptr"}, "seq_lens_ptr"),
+                                     blocks="blocks_ptr"),
+    "_sample_kernel": dict(write={"out_ptr"}),  # its later passes over a row: from L2, counted once
 }
 _ATEN_GATHERS = {"embedding", "index", "index_select", "gather", "take"}  # read what they return
 
@@ -60,6 +64,9 @@ def _triton_bytes(name: str, params: list[str], args: tuple, kwargs: dict) -> in
             total += bound[rows_by].numel() * t.shape[-1] * t.element_size()
         elif arg in kv_args:  # [Bc, S, Hkv, D] caches read up to each row's length
             lens = bound[kv_by].clamp(max=t.shape[1])
+            if "blocks" in acc:  # ... or each query block's last row's
+                first, n = bound[acc["blocks"]].long().unbind(1)
+                lens = lens[first + n - 1]
             total += int(lens.sum()) * t.shape[2] * t.shape[3] * t.element_size()
         else:
             total += _nbytes(t)
