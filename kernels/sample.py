@@ -95,7 +95,7 @@ def _sample_kernel(
         for level in tl.static_range(8):
             shift = 28 - 4 * level
             trial = R | (digits << shift) | ((1 << shift) - 1)  # [16] the largest key of each digit
-            cnt = tl.zeros([16], tl.int64)
+            cnt = tl.zeros([16], tl.int32)
             mass = tl.zeros([16], tl.float32)
             for start in range(0, V, BLOCK_S):
                 i = start + offs_s
@@ -105,7 +105,7 @@ def _sample_kernel(
                 key = tl.where(valid, _order_key(x), 0)
                 e = tl.where(valid, tl.exp(x - x_max), 0.0)
                 above = key[:, None] > trial[None, :]  # [BLOCK_S, 16]
-                cnt += tl.sum(above.to(tl.int64), axis=0)
+                cnt += tl.sum(above.to(tl.int32), axis=0)
                 mass += tl.sum(tl.where(above, e[:, None], 0.0), axis=0)
             fails = (cnt >= k) | (mass >= mass_limit)
             R = R | (tl.sum(fails.to(tl.int64), axis=0) << shift)
