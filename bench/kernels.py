@@ -1,6 +1,6 @@
 """Kernel benchmarks: the SAE encode and controller kernels per backend, and what steering costs a decode step.
 
-Sections (--sections, default all four):
+Sections (--sections, default all five):
   topk    steerfast.ops.topk_sae_encode(x, W_enc, b_enc, b_dec, k) for every backend (cuda, triton,
           torch), plus the baseline `gemm+topk` = torch.topk((x - b_dec) @ W_enc + b_enc, k) in the
           bench dtype (cuBLAS GEMM + torch.topk on a GPU). Per case: time, GB/s of the bytes the op
@@ -17,6 +17,8 @@ Sections (--sections, default all four):
           than cublas up to the crossover. Cases, bytes and targets: bench/gemv_section.py.
   steer   m.generate on a preset shape (steerfast.presets) with and without
           steering=Steering(vector, layer, coef): relative difference of per-token time (target < 1%).
+  sample  steerfast.sampling.sample (temperature 1, top_p 0.9) on a preset's vocabulary at batch 1, 16,
+          64: the Triton kernel (no sort) against the torch reference's sort. bench/sample_section.py.
 
 Timing on CUDA (per backend x case): one call (compiles, allocates), then warm-up calls, then
 `reps` timed calls, each between two CUDA events, each preceded by a torch.cuda._sleep long enough
@@ -48,10 +50,11 @@ from pathlib import Path
 
 import torch
 
-from . import common, gemv_section
+from . import common, gemv_section, sample_section
 
-SECTIONS = ("topk", "ctrl", "gemv", "steer")
-OPS = {"topk": "topk_sae_encode", "ctrl": "sae_controller", "gemv": gemv_section.OP, "steer": "steer_add"}
+SECTIONS = ("topk", "ctrl", "gemv", "steer", "sample")
+OPS = {"topk": "topk_sae_encode", "ctrl": "sae_controller", "gemv": gemv_section.OP, "steer": "steer_add",
+       "sample": sample_section.OP}
 BASELINE = "gemm+topk"
 
 # defaults: (CUDA, CPU)
@@ -95,6 +98,7 @@ DEFINITIONS = dict(
     steer_rel_diff="median over reps of (steered per-token time / plain per-token time of the same rep) - 1; "
                    "the two runs alternate order rep to rep. rel_diff_of_medians is the ratio of the medians",
     **gemv_section.DEFINITIONS,
+    **sample_section.DEFINITIONS,
     targets=f"topk: batch {TARGET_BW['batch']}, d={TARGET_BW['d']}, n={TARGET_BW['n']}: pct_copy_bw >= "
             f"{100 * TARGET_BW['min_fraction']:.0f}; topk batch {TARGET_RATIO['batch']}: vs_base <= "
             f"{TARGET_RATIO['max_ratio']} (both for the cuda and triton backends); steer: rel_diff < "
@@ -128,6 +132,7 @@ def add_arguments(p) -> None:
     p.add_argument("--ctrl-dims", type=common.int_list, default=None, help=d("ctrl_dims"))
     p.add_argument("--ctrl-latents", type=common.int_list, default=None, help=d("ctrl_latents"))
     gemv_section.add_arguments(p)
+    sample_section.add_arguments(p)
     p.add_argument("--steer-model", default=None, help=f"preset shape ({d('steer_model')})")
     p.add_argument("--steer-batches", type=common.int_list, default=None, help=d("steer_batches"))
     p.add_argument("--steer-new-tokens", type=int, default=None, help=d("steer_new_tokens"))
@@ -204,6 +209,8 @@ def settings(args, device: torch.device) -> dict:
         gemv_section.settings(args, s, device.type == "cuda")
         if "cuda" in backends:
             notes.append("gemv: fused_linear has no cuda backend (triton, torch and the cublas baseline run)")
+    if "sample" in s["sections"]:
+        sample_section.settings(args, s, device.type == "cuda")
     s["notes"] = notes
     if min(s["batches"] + s["ctrl_batches"] + s["steer_batches"] + s["dims"] + s["latents"]
            + s["ctrl_dims"] + s["ctrl_latents"], default=1) < 1 or args.k < 1:
@@ -218,6 +225,8 @@ def section_backends(section: str, s: dict) -> list[str]:
         return s["backends"] if "torch" in s["backends"] else [*s["backends"], "torch"]
     if section == "gemv":
         return gemv_section.backends(s)
+    if section == "sample":
+        return sample_section.backends(s)
     return ["default"]  # steer: the dispatch's own choice, as generate uses it
 
 
@@ -230,6 +239,8 @@ def section_cases(section: str, s: dict) -> list[dict]:
                 for b in s["ctrl_batches"] for d in s["ctrl_dims"] for n in s["ctrl_latents"]]
     if section == "gemv":
         return gemv_section.cases(s)
+    if section == "sample":
+        return sample_section.cases(s)
     return [dict(op=OPS[section], model=s["steer_model"], batch=b) for b in s["steer_batches"]]
 
 
@@ -499,7 +510,8 @@ def run_section(section: str, backend: str, s: dict, device, emit) -> None:
                 emit(dict(c, backend="default", error=err_text(e), traceback=traceback.format_exc(limit=8)),
                      missing_only=True)
         return
-    measure = dict(topk=measure_topk, ctrl=measure_ctrl, gemv=gemv_section.measure)[section]
+    measure = dict(topk=measure_topk, ctrl=measure_ctrl, gemv=gemv_section.measure,
+                   sample=sample_section.measure)[section]
     timer = Timer(torch.device(device), s)
     lost = None
     for case in cases:
@@ -558,6 +570,7 @@ def postprocess(results: dict, s: dict, bw: dict) -> list[dict]:
                                     n=r["n"], backend=r["backend"], value=r["vs_base"],
                                     threshold=TARGET_RATIO["max_ratio"], met=met))
     targets += gemv_section.postprocess(results.get(gemv_section.OP, []), s, bw)
+    sample_section.postprocess(results.get(sample_section.OP, []))
     for r in results.get("steer_add", []):
         if "error" not in r:
             met = r["rel_diff"] < TARGET_STEER["max_rel_diff"]
@@ -590,6 +603,8 @@ def table_rows(section: str, recs: list[dict]) -> list[dict]:
 def print_section(section: str, recs: list[dict]) -> None:
     if section == "gemv":
         return gemv_section.print_table(recs, short)
+    if section == "sample":
+        return sample_section.print_table(recs, short)
     cols = dict(topk=TOPK_COLUMNS, ctrl=CTRL_COLUMNS, steer=STEER_COLUMNS)[section]
     title = dict(topk="topk_sae_encode", ctrl="sae_controller", steer="steering overhead in generate")[section]
     print(f"\n{title}")

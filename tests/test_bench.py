@@ -55,13 +55,14 @@ def test_bench_kernels_cpu_smoke(tmp_path):
     out = tmp_path / "k.json"
     cmd = [sys.executable, "-m", "bench", "kernels", "--device", "cpu", "--backends", "torch",
            "--batches", "1,2", "--dims", "32", "--latents", "15,100", "--ctrl-batches", "1", "--ctrl-latents", "15",
-           "--gemv-batches", "1",
+           "--gemv-batches", "1", "--sample-batches", "2", "--sample-vocab", "50",
            "--steer-batches", "1", "--steer-new-tokens", "4", "--steer-prompt-len", "4", "--steer-reps", "2",
            "--reps", "5", "--copy-mib", "16", "--isolate", "yes", "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "STEERFAST_BACKEND")}
     r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
-    for head in ("topk_sae_encode", "sae_controller", "fused_linear", "steering overhead", "% copy bw", "vs base"):
+    for head in ("topk_sae_encode", "sae_controller", "fused_linear", "steering overhead", "% copy bw", "vs base",
+                 "sample (temperature 1"):
         assert head in r.stdout, head
 
     d = json.loads(out.read_text())
@@ -71,7 +72,7 @@ def test_bench_kernels_cpu_smoke(tmp_path):
     assert {"us", "bytes", "gbps", "pct_copy_bw", "vs_base", "targets"} <= set(d["definitions"])
     assert [(w["section"], w["backend"], w["rc"]) for w in d["workers"]] == [  # every section by default
         ("topk", "gemm+topk", 0), ("topk", "torch", 0), ("ctrl", "torch", 0), ("gemv", "cublas", 0),
-        ("gemv", "torch", 0), ("steer", "default", 0)]
+        ("gemv", "torch", 0), ("steer", "default", 0), ("sample", "torch", 0)]
 
     topk = d["results"]["topk_sae_encode"]
     assert {(x["backend"], x["batch"], x["n"]) for x in topk} == {
@@ -98,6 +99,10 @@ def test_bench_kernels_cpu_smoke(tmp_path):
     assert "error" not in st, st["error"]
     assert st["model"] == "tiny" and st["plain_ms_per_token"] > 0 and st["steered_ms_per_token"] > 0
     assert len(st["plain_ms_per_token_all"]) == 2 and isinstance(st["rel_diff"], float)
+    (sm,) = d["results"]["sample"]
+    assert "error" not in sm, sm["error"]
+    assert (sm["batch"], sm["vocab"], sm["bytes"]) == (2, 50, 2 * 50 * 4) and sm["us"] > 0
+    assert sm["agree"] == 1.0 and sm["vs_base"] == 1.0  # the reference against itself
 
 
 def test_bench_kernels_gemv_cpu(tmp_path):
