@@ -87,7 +87,8 @@ def _sample_kernel(
             i = start + offs
             v = tl.load(row + i, mask=i < V, other=float("-inf")).to(tl.float32)
             z += tl.exp(tl.math.div_rn(v, t) - x_max)
-        mass_limit = tl.load(top_p_ptr + b) * tl.sum(z, axis=0)
+        top_p = tl.load(top_p_ptr + b)
+        mass_limit = tl.where(top_p >= 1.0, float("inf"), top_p * tl.sum(z, axis=0))  # 1: no nucleus
         k = tl.load(top_k_ptr + b)
         # 3. the threshold key, 4 bits per pass
         offs_s = tl.arange(0, BLOCK_S)

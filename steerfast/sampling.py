@@ -36,12 +36,12 @@ def nucleus(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.
     """[B, V] bool: the tokens top-k / top-p sampling keeps of x [B, V] (logits / temperature).
     Tie-inclusive, so it does not depend on how a sort orders equal values: token i stays iff fewer
     than top_k[b] tokens have a larger x and their probability is below top_p[b] (the top token
-    always stays)."""
+    always stays; top_p 1 keeps every token, even where the rounded mass before it reaches 1)."""
     sorted_x, order = x.sort(dim=-1, descending=True)
     probs = sorted_x.softmax(-1)
     mass_before = probs.cumsum(-1) - probs
     first = torch.searchsorted(-sorted_x, -sorted_x)  # [B, V] where each value's ties begin
-    keep = (first < top_k[:, None]) & (mass_before.gather(-1, first) < top_p[:, None])
+    keep = (first < top_k[:, None]) & ((mass_before.gather(-1, first) < top_p[:, None]) | (top_p[:, None] >= 1))
     return torch.zeros_like(keep).scatter(-1, order, keep)
 
 

@@ -18,13 +18,13 @@ def nucleus_by_definition(x: torch.Tensor, top_k, top_p) -> torch.Tensor:
     larger = x[:, None, :] > x[:, :, None]  # [B, i, j]: x_j > x_i
     count = larger.sum(-1)
     mass = (larger * p[:, None, :]).sum(-1)
-    return (count < top_k[:, None]) & (mass < top_p[:, None].double())
+    return (count < top_k[:, None]) & ((mass < top_p[:, None].double()) | (top_p[:, None] >= 1))
 
 
 def _rows(B, V, ties, g):
     """Logits with (ties) few distinct values, as bf16 logits have, or none; per-row settings with a
     greedy row, top-k only, top-p only, both and neither; top_p midway between two cumulative masses
-    (float64) so that rounding cannot move the boundary."""
+    (float64) at least 1e-3 apart, so that float32 rounding cannot move the boundary."""
     logits = torch.randn(B, V, generator=g) * 3
     if ties:
         logits = (logits * 2).round() / 2
@@ -41,7 +41,8 @@ def _rows(B, V, ties, g):
     for b in range(B):
         masses = torch.cat([torch.zeros(1, dtype=torch.float64), cum[b]])[:-1][starts[b]]
         masses = torch.cat([masses, torch.ones(1, dtype=torch.float64)])
-        i = int(torch.randint(1, len(masses), (1,), generator=g))
+        wide = torch.nonzero(masses[1:] - masses[:-1] >= 1e-3)[:, 0] + 1  # the first: the top token's mass
+        i = int(wide[torch.randint(0, len(wide), (1,), generator=g)])
         top_p[b] = float((masses[i - 1] + masses[i]) / 2)
     top_p[2::4] = 1.0
     return logits, temperature, top_k, top_p
