@@ -6,10 +6,13 @@
 No GPU, and no kernel runs: the step is issued on the Triton path (STEERFAST_BACKEND=triton) with
 every Triton launch counted by steerfast.launch_count and then skipped (a dry run: no value in a
 step decides its control flow, so the launches are the GPU's). Aten ops (the embedding gather, the
-hybrid's small ops and the thinking model's lm_head GEMM) do run. Reported per step: kernels, bytes
-read (each kernel's inputs once, the KV cache up to each row's length: L2 reuse between rows is not
-modelled, so candidate rows re-reading their sequence's prefix count in full) and the floor's
-arithmetic bytes (bench.decode.bytes_per_step). Random bf16 weights; prompts of --context tokens.
+hybrid's small ops and the thinking model's lm_head GEMM) do run. At batch 1 also one steered row's
+candidate re-runs at the paper's grid (--coefs x windows 0, -1, -15, -50, -100), with the packed
+windows' attention block by block (as it runs) and row by row (as before the window kernel).
+Reported per step: kernels, bytes read (each kernel's inputs once, the KV cache up to each row's
+length, or each query block's: L2 reuse between rows and blocks is not modelled, so candidate rows
+re-reading their sequence's prefix count in full) and the floor's arithmetic bytes
+(bench.decode.bytes_per_step). Random bf16 weights; prompts of --context tokens.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import torch
 from . import common
 
 COLUMNS = [("what", "step"), ("batch", "batch"), ("kernels", "kernels"), ("gb_read", "GB read"),
-           ("floor_gb", "floor GB"), ("ratio", "read / floor"), ("syncs", "syncs")]
+           ("attn_gb", "attention GB"), ("floor_gb", "floor GB"), ("ratio", "read / floor"), ("syncs", "syncs")]
 
 
 def add_arguments(p) -> None:
@@ -48,7 +51,7 @@ def run(args) -> int:
 
     from .decode import bytes_per_step, counted_step
     from .hybrid import make_controller
-    from .hybrid_cost import counted_fast_step
+    from .hybrid_cost import counted_candidates, counted_fast_step
 
     if args.model not in SHAPES:
         raise SystemExit(f"error: --model {args.model!r} is not a preset; choose from {sorted(SHAPES)}")
@@ -61,6 +64,7 @@ def run(args) -> int:
     base, think = models
     n = base.args.n_layers
     sae, vectors, bias = make_controller(think.args.dim, base.args.dim, 15, 0)
+    layers = dict(sae_layer=min(18, n - 1), steer_layer=max(0, min(10, n - 2)))  # >= 1 layer re-run
     rows = []
     for B in args.batches:
         base.ensure_cache(B, C + 16)
@@ -68,7 +72,7 @@ def run(args) -> int:
         floor = bytes_per_step(base, B, C)["total"]
         rows.append(dict(what="decode", batch=B, kernels=c["kernels"], gb_read=c["bytes_read"] / 1e9,
                          floor_gb=floor / 1e9, ratio=c["bytes_read"] / floor, syncs=c["syncs"]))
-        h = sf.Hybrid(base, think, sae, vectors, bias, sae_layer=min(18, n - 1), steer_layer=min(10, n - 1),
+        h = sf.Hybrid(base, think, sae, vectors, bias, **layers,
                       coefs=[0.1 * (i + 1) for i in range(args.coefs)], windows=[-1], gate=0.12)
         prompts = [[1] * C] * B
         h.generate(prompts, prompts, max_new_tokens=2, eos_token_id=None)  # caches and the step's buffers
@@ -77,6 +81,17 @@ def run(args) -> int:
         rows.append(dict(what=f"hybrid, windows [-1], {args.coefs} coefs", batch=B, kernels=c["kernels"],
                          gb_read=c["bytes_read"] / 1e9, floor_gb=floor / 1e9, ratio=c["bytes_read"] / floor,
                          syncs=c["syncs"]))
+        if B == 1:  # one steered row's candidates at the paper's grid: attention block by block and row by row
+            g = sf.Hybrid(base, think, sae, vectors, bias, **layers,
+                          coefs=[0.1 * (i + 1) for i in range(args.coefs)], windows=[0, -1, -15, -50, -100],
+                          gate=0.12, scratch_rows=64, max_packed_tokens=8192)
+            g.generate(prompts, prompts, max_new_tokens=2, eos_token_id=None)  # caches with scratch rows
+            for per_row in (False, True):
+                c = counted_candidates(g, C, per_row)
+                rows.append(dict(what=f"grid candidates of 1 steered row ({c['candidates']}), attention "
+                                      + ("per row" if per_row else "per block"),
+                                 batch=1, kernels=c["kernels"], gb_read=c["bytes_read"] / 1e9,
+                                 attn_gb=c["attention_bytes"] / 1e9, syncs=c["syncs"]))
         for m in models:
             m.release()
     doc = dict(bench="count", model=args.model, context=C, dtype="bf16", rows=rows,

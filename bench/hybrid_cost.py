@@ -4,6 +4,8 @@ and bytes counted on the buffers it ran with, and the paper's own loop timed on 
 bench/hybrid.py runs the sections; these are its measurements and arithmetic."""
 from __future__ import annotations
 
+import torch
+
 from steerfast.hybrid.reference import paper_hybrid
 
 from . import common
@@ -26,6 +28,29 @@ def counted_fast_step(h, batch: int, context: int) -> dict | None:
         fast_step(h.settings, s)
     return dict(kernels=n.total, bytes_read=n.total_bytes, syncs=n.syncs, context=context,
                 bytes_by_kernel=dict(n.bytes_read.most_common()))
+
+
+def counted_candidates(h, context: int, per_row: bool = False) -> dict:
+    """Kernels and bytes read of one steered row's candidate re-runs (every coefficient x window of
+    h's grid) at `context` tokens, counted by steerfast.launch_count; per_row: with the packed
+    windows' attention served row by row (the decode-attention kernel), not block by block."""
+    from steerfast import ops
+    from steerfast.launch_count import count_launches
+
+    base = h.base
+    grid = [(c, w) for c in h.coefs for w in h.windows]
+    residual = torch.zeros(1, base.cache_len, base.args.dim, dtype=base.dtype, device=base.device)
+    attention = ops.decode_attention
+    if per_row:
+        ops.decode_attention = lambda *a, query_blocks=None, **k: attention(*a, **k)
+    try:
+        with count_launches() as n:
+            h._candidates([0], [0], [context], residual, grid, 1)
+    finally:
+        ops.decode_attention = attention
+    attn = {k: v for k, v in n.bytes_read.items() if "attention" in k}
+    return dict(kernels=n.total, bytes_read=n.total_bytes, attention_bytes=sum(attn.values()), syncs=n.syncs,
+                candidates=len(grid), context=context)
 
 
 def bench_paper(hf_b, hf_t, ctl, s, cfg, bp: list[int], tp: list[int], unsteered: dict | None) -> dict:

@@ -124,7 +124,7 @@ def window_query_blocks(widths: torch.Tensor) -> torch.Tensor:
     widths, block_q = widths.to(torch.int64), BLOCK_Q
     nblk = (widths + block_q - 1) // block_q
     win = torch.repeat_interleave(torch.arange(len(widths)), nblk)
-    k = torch.arange(int(nblk.sum())) - torch.repeat_interleave(nblk.cumsum(0) - nblk, nblk)
+    k = torch.arange(len(win)) - torch.repeat_interleave(nblk.cumsum(0) - nblk, nblk)
     first = (widths.cumsum(0) - widths)[win] + block_q * k
     rows = (widths[win] - block_q * k).clamp(max=block_q)
     return torch.stack([first, rows], dim=1).to(torch.int32)

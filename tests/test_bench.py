@@ -331,8 +331,13 @@ def test_bench_count_cpu_smoke(tmp_path):
     r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
     rows = json.loads(out.read_text())["rows"]
-    assert [(x["what"].split(",")[0], x["batch"]) for x in rows] == [
-        ("decode", 1), ("hybrid", 1), ("decode", 2), ("hybrid", 2)]
+    assert [(x["what"].split(",")[0].split(" (")[0], x["batch"]) for x in rows] == [
+        ("decode", 1), ("hybrid", 1), ("grid candidates of 1 steered row", 1),
+        ("grid candidates of 1 steered row", 1), ("decode", 2), ("hybrid", 2)]
+    block, per_row = rows[2:4]  # the paper's grid: packed windows' attention by block, then by row
+    assert block["kernels"] == per_row["kernels"] and block["syncs"] == per_row["syncs"] == 0
+    assert 0 < block["attn_gb"] < per_row["attn_gb"] / 2 and block["gb_read"] < per_row["gb_read"]
+    del rows[2:4]
     layers = 2  # the tiny preset
     for dec, hyb in (rows[:2], rows[2:]):
         assert dec["kernels"] <= 6 * layers + 4 < hyb["kernels"]

@@ -391,7 +391,7 @@ def _pack_candidates(rows: list[int], cats: list[int], L: list[int], grid: list[
         c = torch.arange(start, stop)
         wc = width[c]
         cand = c.repeat_interleave(wc)
-        offset = torch.arange(int(wc.sum())) - (wc.cumsum(0) - wc).repeat_interleave(wc)
+        offset = torch.arange(ends[stop - 1] - base) - (wc.cumsum(0) - wc).repeat_interleave(wc)
         idx = torch.stack([cand, first[cand] + offset, B + cand - start, seq[cand], first[cand], cat[cand], j[cand]])
         chunks.append((idx, wc.cumsum(0) - 1, ops.window_query_blocks(wc)))
         start = stop
