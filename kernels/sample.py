@@ -5,15 +5,19 @@ the nucleus and writes a [B, V] int64 hash per step for the noise; here the row 
 times instead and nothing of size V is written:
   1. the greedy token (first maximal logit) and the maximum of x = logits / temperature;
   2. (FILTER) the softmax denominator Z = sum exp(x - max);
-  3. (FILTER) the nucleus threshold by radix selection over the 32-bit order-preserving keys of x,
-     4 bits per pass (8 passes, 15 trial thresholds each);
-  4. argmax over the kept tokens of x + Gumbel noise, the noise the same counter-based hash of
+  3. (FILTER) the tokens that can be in the nucleus, compacted into scratch slots (see below);
+  4. (FILTER) the nucleus threshold by radix selection over the 32-bit order-preserving keys of x,
+     4 bits per pass (8 passes, 16 trial thresholds each), over those candidates when they fit;
+  5. argmax over the kept tokens of x + Gumbel noise, the noise the same counter-based hash of
      (seed, position, token id) as steerfast.sampling.uniform_noise.
 
 Nucleus (tie-inclusive, as the reference): token i is kept iff fewer than top_k tokens have a
 larger x and their probability mass is below top_p. That holds for every x from some threshold
 up, so the kept set is {key(x) >= R}, R the smallest key whose strictly larger keys pass: digit by
 digit from the top, R takes the number of trial digits that fail (the test is monotone).
+A token less likely than (1 - top_p) / (2 V) cannot be kept: all of them together hold under
+(1 - top_p) / 2, so the mass above any of them exceeds top_p. Real next-token distributions leave
+a few thousand of 152k tokens above that, so the 8 selection passes read those, not the row.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import triton.language as tl
 
 from ._common import on_device
 
-_M32 = 0xFFFFFFFF
+CANDIDATE_SLOTS = 16384  # per row: the nucleus's candidates when they fit (64 rows: 8 MiB of scratch)
 
 
 @triton.jit
@@ -52,8 +56,11 @@ def _sample_kernel(
     seed_ptr,  # [B] int64
     pos_ptr,  # [B] int32 or int64: the position the chosen token will take
     out_ptr,  # [B] int64
+    cand_x_ptr,  # [B, cap] fp32 scratch (FILTER): the candidates' x
+    cand_e_ptr,  # [B, cap] fp32 scratch (FILTER): their exp(x - max x)
     V,
     stride_b,
+    cap,  # candidate slots per row
     FILTER: tl.constexpr,  # top-k / top-p
     BLOCK_V: tl.constexpr,  # the streaming passes' block
     BLOCK_S: tl.constexpr,  # the selection passes' block (x 16 trial thresholds)
@@ -87,10 +94,31 @@ def _sample_kernel(
             i = start + offs
             v = tl.load(row + i, mask=i < V, other=float("-inf")).to(tl.float32)
             z += tl.exp(tl.math.div_rn(v, t) - x_max)
+        z_sum = tl.sum(z, axis=0)
         top_p = tl.load(top_p_ptr + b)
-        mass_limit = tl.where(top_p >= 1.0, float("inf"), top_p * tl.sum(z, axis=0))  # 1: no nucleus
+        mass_limit = tl.where(top_p >= 1.0, float("inf"), top_p * z_sum)  # 1: no nucleus
         k = tl.load(top_k_ptr + b)
-        # 3. the threshold key, 4 bits per pass
+        # 3. the candidates: a token less likely than (1 - top_p) / (2 V) never makes the nucleus (all
+        # such tokens hold under half of 1 - top_p), so the selection reads only the others, compacted
+        # into the row's scratch slots when they fit; else (or with top_p > 0.999) the whole row
+        n_cand = V + 1
+        if top_p <= 0.999:
+            tau = (1.0 - top_p) / (2.0 * V) * z_sum
+            n_cand = 0
+            for start in range(0, V, BLOCK_V):
+                i = start + offs
+                v = tl.load(row + i, mask=i < V, other=float("-inf")).to(tl.float32)
+                x = tl.math.div_rn(v, t)
+                e = tl.exp(x - x_max)
+                keep = (i < V) & (e >= tau)
+                slot = n_cand + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+                ok = keep & (slot < cap)
+                tl.store(cand_x_ptr + b * cap + slot, x, mask=ok)
+                tl.store(cand_e_ptr + b * cap + slot, e, mask=ok)
+                n_cand += tl.sum(keep.to(tl.int32), axis=0)
+        compact = n_cand <= cap
+        n_src = tl.where(compact, n_cand, V)
+        # 4. the threshold key, 4 bits per pass
         offs_s = tl.arange(0, BLOCK_S)
         digits = tl.arange(0, 16).to(tl.int64)
         for level in tl.static_range(8):
@@ -98,20 +126,24 @@ def _sample_kernel(
             trial = R | (digits << shift) | ((1 << shift) - 1)  # [16] the largest key of each digit
             cnt = tl.zeros([16], tl.int32)
             mass = tl.zeros([16], tl.float32)
-            for start in range(0, V, BLOCK_S):
-                i = start + offs_s
-                valid = i < V
-                v = tl.load(row + i, mask=valid, other=float("-inf")).to(tl.float32)
-                x = tl.math.div_rn(v, t)
+            for start in range(0, n_src, BLOCK_S):
+                j = start + offs_s
+                valid = j < n_src
+                if compact:
+                    x = tl.load(cand_x_ptr + b * cap + j, mask=valid, other=0.0)
+                    e = tl.load(cand_e_ptr + b * cap + j, mask=valid, other=0.0)
+                else:
+                    x = tl.math.div_rn(tl.load(row + j, mask=valid, other=float("-inf")).to(tl.float32), t)
+                    e = tl.exp(x - x_max)
                 key = tl.where(valid, _order_key(x), 0)
-                e = tl.where(valid, tl.exp(x - x_max), 0.0)
+                e = tl.where(valid, e, 0.0)
                 above = key[:, None] > trial[None, :]  # [BLOCK_S, 16]
                 cnt += tl.sum(above.to(tl.int32), axis=0)
                 mass += tl.sum(tl.where(above, e[:, None], 0.0), axis=0)
             fails = (cnt >= k) | (mass >= mass_limit)
             R = R | (tl.sum(fails.to(tl.int64), axis=0) << shift)
 
-    # 4. Gumbel-max over the kept tokens
+    # 5. Gumbel-max over the kept tokens
     best = tl.full([BLOCK_V], float("-inf"), tl.float32)
     best_i = tl.full([BLOCK_V], V, tl.int32)
     for start in range(0, V, BLOCK_V):
@@ -132,9 +164,10 @@ def _sample_kernel(
     tl.store(out_ptr + b, tl.where(temp > 0, choice, greedy).to(tl.int64))
 
 
-def sample(logits, temperature, top_k, top_p, seed, pos, filter: bool):
+def sample(logits, temperature, top_k, top_p, seed, pos, filter: bool, cap: int = CANDIDATE_SLOTS):
     """Token ids [B] int64: logits [B, V] (contiguous rows); temperature, top_p fp32 [B]; top_k,
-    seed int64 [B]; pos int [B]. Rows with temperature 0 take the first maximal logit."""
+    seed int64 [B]; pos int [B]. Rows with temperature 0 take the first maximal logit. cap: scratch
+    slots per row for the nucleus's candidates (a row with more reads its logits instead)."""
     B, V = logits.shape
     assert logits.stride(1) == 1, "logits rows must be contiguous"
     assert temperature.dtype == top_p.dtype == torch.float32 and top_k.dtype == seed.dtype == torch.int64
@@ -143,7 +176,9 @@ def sample(logits, temperature, top_k, top_p, seed, pos, filter: bool):
     out = torch.empty(B, dtype=torch.int64, device=logits.device)
     if B == 0:
         return out
+    cap = max(1, min(cap, V)) if filter else 1
+    cand_x, cand_e = (torch.empty(B, cap, dtype=torch.float32, device=logits.device) for _ in range(2))
     with on_device(logits.device):
-        _sample_kernel[(B,)](logits, temperature, top_k, top_p, seed, pos, out, V, logits.stride(0),
-                             FILTER=filter, BLOCK_V=1024, BLOCK_S=256, num_warps=8)
+        _sample_kernel[(B,)](logits, temperature, top_k, top_p, seed, pos, out, cand_x, cand_e, V,
+                             logits.stride(0), cap, FILTER=filter, BLOCK_V=1024, BLOCK_S=256, num_warps=8)
     return out

@@ -91,3 +91,31 @@ def test_sample_takes_the_noisiest_kept_token(V, ties, dtype, backend, seed):
         near = (score[rows, tok] - score[rows, want]).abs() <= 1e-5 * (1 + score[rows, want].abs())
         assert ((tok == want) | near).all(), f"{mode}: {tok.tolist()} != {want.tolist()} (seed={seed})"
         assert (tok == want).float().mean() > 0.9
+
+
+@pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
+@pytest.mark.parametrize("cap", [1, 40, None], ids=["overflow", "some-fit", "default"])
+def test_kernel_candidate_slots(cap, seed):
+    """The kernel's candidate slots: rows whose possible nucleus (tokens at least (1 - top_p) / (2 V)
+    likely) overflows them select over the whole row; peaked and flat rows, several top_p; the
+    token the reference's, near-ties of the noisy score excepted."""
+    from steerfast.kernels.sample import CANDIDATE_SLOTS, sample
+
+    g = torch.Generator().manual_seed(seed)
+    B, V = 12, 431
+    scale = torch.tensor([0.5, 2.0, 8.0]).repeat(B // 3)[:, None]  # flat .. peaked
+    logits = (torch.randn(B, V, generator=g) * scale).to(DEVICE)
+    temperature = torch.ones(B, device=DEVICE)
+    top_k = torch.full((B,), V, device=DEVICE)
+    top_p = torch.tensor([0.5, 0.9, 0.99, 0.999]).repeat_interleave(3).to(DEVICE)
+    seeds, pos = torch.arange(B, device=DEVICE) + seed % 1000, torch.full((B,), 7, device=DEVICE)
+    args = (logits, temperature, top_k, top_p, seeds, pos)
+    tok = sample(*args, True, cap=CANDIDATE_SLOTS if cap is None else cap).cpu()
+    want = sampling.sample_torch(*args, True).cpu()
+    x = logits.cpu().double()
+    kept = nucleus_by_definition(x, top_k.cpu(), top_p.cpu())
+    score = torch.where(kept, x - torch.log(-torch.log(sampling.uniform_noise(seeds, pos, V).cpu().double())),
+                        float("-inf"))
+    rows = torch.arange(B)
+    assert kept[rows, tok].all()
+    assert ((tok == want) | ((score[rows, tok] - score[rows, want]).abs() <= 1e-5)).all(), (tok, want)
