@@ -20,10 +20,14 @@ OP = "sample"
 BACKENDS = ("triton", "torch")
 DEFAULTS = dict(sample_batches=("1,16,64", "1,4"), sample_vocab=(151936, 1000))
 COLUMNS = [("batch", "batch"), ("vocab", "vocab"), ("backend", "backend"), ("us", "us"), ("loop_us", "loop us"),
-           ("gbps", "GB/s"), ("vs_base", "vs torch"), ("agree", "same token")]
+           ("gbps", "GB/s"), ("vs_base", "vs torch"), ("agree", "same token"), ("fit", "rows fit")]
 DEFINITIONS = dict(
     sample_bytes="logits read once: batch * vocab * 4 (fp32 logits, as the decode step's sampling gets them)",
     sample_agree="share of rows whose token equals the torch reference's (steerfast.sampling.sample_torch)",
+    sample_logits="per row N(0, 2.5^2) over the vocabulary plus 32 tokens raised by a uniform 5..20: from "
+                  "a confident next token to a spread-out one",
+    sample_fit="share of rows whose possible nucleus (tokens at least (1 - top_p) / (2 V) likely) fits the "
+               "kernel's candidate slots; the other rows select over their whole row",
 )
 
 
@@ -54,7 +58,9 @@ def measure(case: dict, backend: str, s: dict, device, dtype, timer) -> dict:
 
     B, V = case["batch"], case["vocab"]
     g = torch.Generator().manual_seed(s["seed"] * 7919 + B)
-    logits = (torch.randn(B, V, generator=g) * 4).to(device)  # a language model's spread of logits
+    logits = torch.randn(B, V, generator=g) * 2.5
+    logits[:, :32] += 5 + 15 * torch.rand(B, 1, generator=g)  # a few likely tokens, more or less ahead
+    logits = logits.to(device)
     f32 = lambda v: torch.full((B,), v, dtype=torch.float32, device=device)  # noqa: E731
     args = (logits, f32(1.0), torch.full((B,), V, device=device), f32(0.9),
             torch.arange(B, device=device), torch.full((B,), 1000, dtype=torch.int32, device=device))
@@ -62,7 +68,9 @@ def measure(case: dict, backend: str, s: dict, device, dtype, timer) -> dict:
     def fn():
         return sampling.sample(*args, "filter", backend=backend)
     agree = (fn() == sampling.sample_torch(*args, True)).float().mean().item()
-    return dict(**timer(fn, flush=False), agree=agree)
+    from steerfast.kernels.sample import CANDIDATE_SLOTS
+    fit = ((logits.softmax(-1) >= (1 - 0.9) / (2 * V)).sum(-1) <= CANDIDATE_SLOTS).float().mean().item()
+    return dict(**timer(fn, flush=False), agree=agree, fit=fit)
 
 
 def postprocess(recs: list[dict]) -> None:

@@ -48,6 +48,19 @@ def _order_key(x):
 
 
 @triton.jit
+def _kth_largest_key(keys, k):
+    """The k-th largest of the int64 keys [N] (values in [0, 2**32), 1 <= k <= N), by radix
+    selection: per 4-bit digit from the top, the largest digit that still leaves k keys at or above."""
+    digits = tl.arange(0, 16).to(tl.int64)
+    R = tl.zeros([], tl.int64)
+    for level in tl.static_range(8):
+        shift = 28 - 4 * level
+        at_least = tl.sum((keys[:, None] >= (R | (digits << shift))[None, :]).to(tl.int32), axis=0)  # [16]
+        R = R | ((tl.sum((at_least >= k).to(tl.int64), axis=0) - 1) << shift)
+    return R
+
+
+@triton.jit
 def _sample_kernel(
     logits_ptr,  # [B, V]
     temperature_ptr,  # [B] fp32: 0 = greedy
@@ -56,6 +69,7 @@ def _sample_kernel(
     seed_ptr,  # [B] int64
     pos_ptr,  # [B] int32 or int64: the position the chosen token will take
     out_ptr,  # [B] int64
+    keep_from_ptr,  # [B] int64: the smallest kept key, R (0: every token)
     cand_x_ptr,  # [B, cap] fp32 scratch (FILTER): the candidates' x
     cand_e_ptr,  # [B, cap] fp32 scratch (FILTER): their exp(x - max x)
     V,
@@ -88,60 +102,67 @@ def _sample_kernel(
 
     R = tl.zeros([], tl.int64)  # keep every token
     if FILTER:
-        # 2. softmax denominator
-        z = tl.zeros([BLOCK_V], tl.float32)
-        for start in range(0, V, BLOCK_V):
-            i = start + offs
-            v = tl.load(row + i, mask=i < V, other=float("-inf")).to(tl.float32)
-            z += tl.exp(tl.math.div_rn(v, t) - x_max)
-        z_sum = tl.sum(z, axis=0)
-        top_p = tl.load(top_p_ptr + b)
-        mass_limit = tl.where(top_p >= 1.0, float("inf"), top_p * z_sum)  # 1: no nucleus
         k = tl.load(top_k_ptr + b)
-        # 3. the candidates: a token less likely than (1 - top_p) / (2 V) never makes the nucleus (all
-        # such tokens hold under half of 1 - top_p), so the selection reads only the others, compacted
-        # into the row's scratch slots when they fit; else (or with top_p > 0.999) the whole row
-        n_cand = V + 1
-        if top_p <= 0.999:
-            tau = (1.0 - top_p) / (2.0 * V) * z_sum
-            n_cand = 0
+        top_p = tl.load(top_p_ptr + b)
+        # rows that filter nothing (and greedy rows: bucket padding too) skip the selection
+        if (tl.load(temperature_ptr + b) > 0) & ((k < V) | (top_p < 1.0)):
+            # 2. softmax denominator
+            z = tl.zeros([BLOCK_V], tl.float32)
             for start in range(0, V, BLOCK_V):
                 i = start + offs
                 v = tl.load(row + i, mask=i < V, other=float("-inf")).to(tl.float32)
-                x = tl.math.div_rn(v, t)
-                e = tl.exp(x - x_max)
-                keep = (i < V) & (e >= tau)
-                slot = n_cand + tl.cumsum(keep.to(tl.int32), axis=0) - 1
-                ok = keep & (slot < cap)
-                tl.store(cand_x_ptr + b * cap + slot, x, mask=ok)
-                tl.store(cand_e_ptr + b * cap + slot, e, mask=ok)
-                n_cand += tl.sum(keep.to(tl.int32), axis=0)
-        compact = n_cand <= cap
-        n_src = tl.where(compact, n_cand, V)
-        # 4. the threshold key, 4 bits per pass
-        offs_s = tl.arange(0, BLOCK_S)
-        digits = tl.arange(0, 16).to(tl.int64)
-        for level in tl.static_range(8):
-            shift = 28 - 4 * level
-            trial = R | (digits << shift) | ((1 << shift) - 1)  # [16] the largest key of each digit
-            cnt = tl.zeros([16], tl.int32)
-            mass = tl.zeros([16], tl.float32)
-            for start in range(0, n_src, BLOCK_S):
-                j = start + offs_s
-                valid = j < n_src
-                if compact:
-                    x = tl.load(cand_x_ptr + b * cap + j, mask=valid, other=0.0)
-                    e = tl.load(cand_e_ptr + b * cap + j, mask=valid, other=0.0)
-                else:
-                    x = tl.math.div_rn(tl.load(row + j, mask=valid, other=float("-inf")).to(tl.float32), t)
+                z += tl.exp(tl.math.div_rn(v, t) - x_max)
+            z_sum = tl.sum(z, axis=0)
+            mass_limit = tl.where(top_p >= 1.0, float("inf"), top_p * z_sum)  # 1: no nucleus
+            # 3. the candidates, compacted into the row's scratch slots when they fit
+            # top-p: a token less likely than (1 - top_p) / (2 V) is never kept (all such tokens hold
+            # under half of 1 - top_p); top-k: the lanes' maxima are `best`'s, maxima of disjoint
+            # sets, so at least k tokens reach the k-th largest of them and none below it is kept
+            tau = tl.where(top_p <= 0.999, (1.0 - top_p) / (2.0 * V) * z_sum, -1.0)
+            key_k = tl.where(k <= BLOCK_V, _kth_largest_key(_order_key(best), k), 0)  # 0: no top-k cut
+            n_cand = V + 1
+            if (tau >= 0.0) | (key_k > 0):
+                n_cand = 0
+                for start in range(0, V, BLOCK_V):
+                    i = start + offs
+                    v = tl.load(row + i, mask=i < V, other=float("-inf")).to(tl.float32)
+                    x = tl.math.div_rn(v, t)
                     e = tl.exp(x - x_max)
-                key = tl.where(valid, _order_key(x), 0)
-                e = tl.where(valid, e, 0.0)
-                above = key[:, None] > trial[None, :]  # [BLOCK_S, 16]
-                cnt += tl.sum(above.to(tl.int32), axis=0)
-                mass += tl.sum(tl.where(above, e[:, None], 0.0), axis=0)
-            fails = (cnt >= k) | (mass >= mass_limit)
-            R = R | (tl.sum(fails.to(tl.int64), axis=0) << shift)
+                    keep = (i < V) & (e >= tau) & (_order_key(v) >= key_k)
+                    slot = n_cand + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+                    ok = keep & (slot < cap)
+                    tl.store(cand_x_ptr + b * cap + slot, x, mask=ok)
+                    tl.store(cand_e_ptr + b * cap + slot, e, mask=ok)
+                    n_cand += tl.sum(keep.to(tl.int32), axis=0)
+                tl.debug_barrier()  # the slots are read back by other threads
+            compact = n_cand <= cap
+            n_src = tl.where(compact, n_cand, V)
+            # 4. the threshold key, 4 bits per pass, over the candidates (or the row)
+            offs_s = tl.arange(0, BLOCK_S)
+            digits = tl.arange(0, 16).to(tl.int64)
+            for level in tl.static_range(8):
+                shift = 28 - 4 * level
+                trial = R | (digits << shift) | ((1 << shift) - 1)  # [16] the largest key of each digit
+                cnt = tl.zeros([16], tl.int32)
+                mass = tl.zeros([16], tl.float32)
+                for start in range(0, n_src, BLOCK_S):
+                    j = start + offs_s
+                    valid = j < n_src
+                    if compact:
+                        x = tl.load(cand_x_ptr + b * cap + j, mask=valid, other=0.0)
+                        e = tl.load(cand_e_ptr + b * cap + j, mask=valid, other=0.0)
+                    else:
+                        x = tl.math.div_rn(tl.load(row + j, mask=valid, other=float("-inf")).to(tl.float32), t)
+                        e = tl.exp(x - x_max)
+                    key = tl.where(valid, _order_key(x), 0)
+                    e = tl.where(valid, e, 0.0)
+                    above = key[:, None] > trial[None, :]  # [BLOCK_S, 16]
+                    cnt += tl.sum(above.to(tl.int32), axis=0)
+                    mass += tl.sum(tl.where(above, e[:, None], 0.0), axis=0)
+                fails = (cnt >= k) | (mass >= mass_limit)
+                R = R | (tl.sum(fails.to(tl.int64), axis=0) << shift)
+            R = tl.minimum(R, _order_key(x_max))  # the top token always stays (top_k < 1, top_p ~ 0)
+    tl.store(keep_from_ptr + b, R)
 
     # 5. Gumbel-max over the kept tokens
     best = tl.full([BLOCK_V], float("-inf"), tl.float32)
@@ -152,7 +173,7 @@ def _sample_kernel(
         v = tl.load(row + i, mask=valid, other=float("-inf")).to(tl.float32)
         x = tl.math.div_rn(v, t)
         h = _mix32(seed_mix ^ ((i.to(tl.int64) * 0x27D4EB2F) & 0xFFFFFFFF))
-        u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / (1 << 24))
+        u = ((h >> 9).to(tl.float32) + 0.5) * (1.0 / (1 << 23))  # in (0, 1), exactly
         score = x - tl.log(-tl.log(u))
         score = tl.where(valid & (_order_key(x) >= R), score, float("-inf"))
         upd = score > best
@@ -164,21 +185,24 @@ def _sample_kernel(
     tl.store(out_ptr + b, tl.where(temp > 0, choice, greedy).to(tl.int64))
 
 
-def sample(logits, temperature, top_k, top_p, seed, pos, filter: bool, cap: int = CANDIDATE_SLOTS):
+def sample(logits, temperature, top_k, top_p, seed, pos, filter: bool, cap: int = CANDIDATE_SLOTS,
+           return_keep_from: bool = False):
     """Token ids [B] int64: logits [B, V] (contiguous rows); temperature, top_p fp32 [B]; top_k,
     seed int64 [B]; pos int [B]. Rows with temperature 0 take the first maximal logit. cap: scratch
-    slots per row for the nucleus's candidates (a row with more reads its logits instead)."""
+    slots per row for the nucleus's candidates (a row with more reads its logits instead).
+    return_keep_from: also the smallest kept order key per row (0: all kept), for tests."""
     B, V = logits.shape
     assert logits.stride(1) == 1, "logits rows must be contiguous"
     assert temperature.dtype == top_p.dtype == torch.float32 and top_k.dtype == seed.dtype == torch.int64
     assert temperature.shape == top_k.shape == top_p.shape == seed.shape == pos.shape == (B,)
-    assert V < 2**31
-    out = torch.empty(B, dtype=torch.int64, device=logits.device)
+    assert all(a.is_contiguous() for a in (temperature, top_k, top_p, seed, pos))
+    assert V < 2**31 - 1
+    out, keep_from = (torch.empty(B, dtype=torch.int64, device=logits.device) for _ in range(2))
     if B == 0:
-        return out
+        return (out, keep_from) if return_keep_from else out
     cap = max(1, min(cap, V)) if filter else 1
     cand_x, cand_e = (torch.empty(B, cap, dtype=torch.float32, device=logits.device) for _ in range(2))
     with on_device(logits.device):
-        _sample_kernel[(B,)](logits, temperature, top_k, top_p, seed, pos, out, cand_x, cand_e, V,
+        _sample_kernel[(B,)](logits, temperature, top_k, top_p, seed, pos, out, keep_from, cand_x, cand_e, V,
                              logits.stride(0), cap, FILTER=filter, BLOCK_V=1024, BLOCK_S=256, num_warps=8)
-    return out
+    return (out, keep_from) if return_keep_from else out

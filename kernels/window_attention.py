@@ -144,12 +144,13 @@ def window_attention(q, k_cache, v_cache, seq_lens, scale, rows, prefix_rows, pr
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "last dim must be contiguous"
     assert seq_lens.shape == rows.shape == prefix_rows.shape == prefix_lens.shape == (T,)
     assert query_blocks.dim() == 2 and query_blocks.shape[1] == 2 and query_blocks.dtype == torch.int32
+    assert all(t.is_contiguous() for t in (seq_lens, rows, prefix_rows, prefix_lens, query_blocks))
     assert q.device == k_cache.device == seq_lens.device == rows.device == query_blocks.device
     rows, prefix_rows = rows.to(torch.int64), prefix_rows.to(torch.int64)
     group = H // Hkv
     group_pad = triton.next_power_of_2(group)
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    out = torch.empty_like(q)
+    out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     nb = query_blocks.shape[0]
     if nb == 0:
         return out

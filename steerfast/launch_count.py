@@ -41,7 +41,8 @@ _TRITON_ACCESS = {
     # one program per query block: the block's keys once, up to its longest row (the last)
     "_window_attention_kernel": dict(write={"out_ptr"}, kv=({"k_ptr", "v_ptr"}, "seq_lens_ptr"),
                                      blocks="blocks_ptr"),
-    "_sample_kernel": dict(write={"out_ptr"}),  # its later passes over a row: from L2, counted once
+    # its later passes over a row (or its candidates): from L2, counted once
+    "_sample_kernel": dict(write={"out_ptr", "keep_from_ptr", "cand_x_ptr", "cand_e_ptr"}),
 }
 _ATEN_GATHERS = {"embedding", "index", "index_select", "gather", "take"}  # read what they return
 

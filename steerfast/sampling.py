@@ -29,7 +29,7 @@ def uniform_noise(seed: torch.Tensor, pos: torch.Tensor, vocab: int) -> torch.Te
     s = _mix32((seed.to(torch.int64) * 0x9E3779B1) & _M32)
     p = _mix32((pos.to(torch.int64) * 0x7FEB352D + 0x165667B1) & _M32)
     x = _mix32((s ^ p)[:, None] ^ ((ids[None, :] * 0x27D4EB2F) & _M32))
-    return ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    return ((x >> 9).float() + 0.5) * (1.0 / (1 << 23))  # 23 bits: exact in float32, never 1
 
 
 def nucleus(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -49,10 +49,10 @@ def sample_torch(logits, temperature, top_k, top_p, seed, pos, filter: bool) -> 
     """The reference: Gumbel-max over the nucleus (found by sorting each row) of logits / temperature."""
     greedy = logits.argmax(-1)
     x = logits.float() / temperature.clamp(min=1e-6)[:, None]
+    score = x - torch.log(-torch.log(uniform_noise(seed, pos, x.shape[-1])))
     if filter:
-        x = x.masked_fill(~nucleus(x, top_k, top_p), float("-inf"))
-    gumbel = -torch.log(-torch.log(uniform_noise(seed, pos, x.shape[-1])))
-    return torch.where(temperature > 0, (x + gumbel).argmax(-1), greedy)
+        score = score.masked_fill(~nucleus(x, top_k, top_p), float("-inf"))
+    return torch.where(temperature > 0, score.argmax(-1), greedy)
 
 
 @torch.library.custom_op("steerfast::sample", mutates_args=())

@@ -21,13 +21,14 @@ def nucleus_by_definition(x: torch.Tensor, top_k, top_p) -> torch.Tensor:
     return (count < top_k[:, None]) & ((mass < top_p[:, None].double()) | (top_p[:, None] >= 1))
 
 
-def _rows(B, V, ties, g):
-    """Logits with (ties) few distinct values, as bf16 logits have, or none; per-row settings with a
-    greedy row, top-k only, top-p only, both and neither; top_p midway between two cumulative masses
-    (float64) at least 1e-3 apart, so that float32 rounding cannot move the boundary."""
+def _rows(B, V, ties, g, dtype=torch.float32):
+    """Logits in `dtype` with (ties) few distinct values, as bf16 logits have, or none; per-row
+    settings with a greedy row, top-k only, top-p only, both and neither; top_p midway between two
+    cumulative masses (float64) at least 1e-3 apart, so that float32 rounding cannot move the boundary."""
     logits = torch.randn(B, V, generator=g) * 3
     if ties:
         logits = (logits * 2).round() / 2
+    logits = logits.to(dtype)
     temperature = torch.rand(B, generator=g) * 1.5 + 0.5
     temperature[0] = 0.0
     top_k = torch.randint(1, V + 1, (B,), generator=g)
@@ -69,8 +70,7 @@ def test_sample_takes_the_noisiest_kept_token(V, ties, dtype, backend, seed):
         pytest.skip(TRITON_SKIP)
     g = torch.Generator().manual_seed(seed)
     B = 8
-    logits, temperature, top_k, top_p = _rows(B, V, ties, g)
-    logits = logits.to(dtype)
+    logits, temperature, top_k, top_p = _rows(B, V, ties, g, dtype)
     reps = 6  # each row at several positions and seeds: different noise
     rep = lambda t: t.repeat(reps).to(DEVICE)  # noqa: E731
     seeds = torch.randint(0, 2**40, (B * reps,), generator=g)
@@ -119,3 +119,35 @@ def test_kernel_candidate_slots(cap, seed):
     rows = torch.arange(B)
     assert kept[rows, tok].all()
     assert ((tok == want) | ((score[rows, tok] - score[rows, want]).abs() <= 1e-5)).all(), (tok, want)
+
+
+def order_key(x: torch.Tensor) -> torch.Tensor:
+    """int64 order-preserving keys of float32 x, as kernels/sample.py's _order_key."""
+    bits = (x.float() + 0.0).view(torch.int32).long() & 0xFFFFFFFF
+    return torch.where(bits >= 2**31, 0xFFFFFFFF - bits, bits + 2**31)
+
+
+@pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
+@pytest.mark.parametrize("cap", [3, None], ids=["slots-overflow", "default-slots"])
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("V", [5, 431, 3001])
+def test_kernel_keeps_exactly_the_nucleus(V, ties, cap, seed):
+    """The kernel's kept set ({key(x) >= R}, R its selected threshold) equals the nucleus by its
+    definition on every sampled row, over the whole row (slots overflowing) or over the candidates
+    it compacted (top-p's probability cut and top-k's cut at the k-th largest lane maximum: V = 3001
+    puts up to three tokens in each of the 1024 lanes)."""
+    from steerfast.kernels.sample import CANDIDATE_SLOTS, sample
+
+    g = torch.Generator().manual_seed(seed)
+    B = 16
+    logits, temperature, top_k, top_p = _rows(B, V, ties, g, torch.bfloat16)
+    top_k[3::4] = torch.randint(1, min(V, 1100) + 1, (len(top_k[3::4]),), generator=g)  # top-k only
+    top_p[3::4] = 1.0
+    args = [t.to(DEVICE) for t in (logits, temperature, top_k, top_p, torch.arange(B), torch.zeros(B, dtype=torch.int32))]
+    _, keep_from = sample(*args, True, cap=CANDIDATE_SLOTS if cap is None else cap, return_keep_from=True)
+    x = logits.float() / temperature.clamp(min=1e-6)[:, None]
+    kept = order_key(x) >= keep_from.cpu()[:, None]
+    want = nucleus_by_definition(x, top_k, top_p)
+    rows = temperature > 0  # greedy rows skip the selection
+    assert torch.equal(kept[rows], want[rows]), (kept[rows].sum(-1), want[rows].sum(-1))
+    assert (keep_from.cpu()[~rows] == 0).all()
