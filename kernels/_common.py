@@ -25,6 +25,25 @@ def bf16_rtne(x):
     return bits.to(tl.float32, bitcast=True)
 
 
+@triton.jit
+def online_softmax_step(m_i, l_i, acc, s, v, DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """One key block of flash attention's online softmax, base 2: scores s [M, N] (-inf: masked out)
+    and values v [N, D] into the running max m_i [M], sum l_i [M] and unnormalised output acc [M, D].
+    A row with no key yet stays neutral (m = -inf, l = 0, acc = 0)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if INTERP_BF16:
+        p_v = bf16_rtne(p)
+        v = v.to(tl.float32)
+    else:
+        p_v = p.to(v.dtype)  # 16-bit probabilities for the tensor-core product, as flash-attn does
+    acc = acc * alpha[:, None] + tl.dot(p_v, v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
 def on_device(device: torch.device):
     """Triton launches on the current CUDA device: make it the tensors' one."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import bf16_rtne, num_sms, on_device, pdl_enter, pdl_launch, triton_interpret
+from ._common import bf16_rtne, num_sms, on_device, online_softmax_step, pdl_enter, pdl_launch, triton_interpret
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
@@ -108,17 +108,7 @@ def _decode_attention_kernel(
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every block holds >= 1 valid key
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if INTERP_BF16:
-            p_v = bf16_rtne(p)
-            v = v.to(tl.float32)
-        else:
-            p_v = p.to(v.dtype)  # 16-bit probabilities for the tensor-core product, as flash-attn does
-        acc = acc * alpha[:, None] + tl.dot(p_v, v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, v, DOT_PRECISION, INTERP_BF16)
 
     if SPLIT:
         w_off = b * stride_wb + heads * stride_wh + split  # [BLOCK_G]

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import bf16_rtne, on_device, pdl_enter, pdl_launch, triton_interpret
+from ._common import bf16_rtne, on_device, online_softmax_step, pdl_enter, pdl_launch, triton_interpret
 
 _LOG2E = 1.4426950408889634
 BLOCK_Q = 16  # window positions per program; times the padded KV group: the rows of each tl.dot
@@ -97,19 +97,8 @@ def _window_attention_kernel(
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         s = tl.where(n[None, :] < row_len[:, None], s, float("-inf"))  # causal, and the block's end
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # rows with no key yet (padding, or a key block past their end from the start) stay neutral
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if INTERP_BF16:
-            p_v = bf16_rtne(p)
-            v = v.to(tl.float32)
-        else:
-            p_v = p.to(v.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p_v, v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        # rows with no key in this block yet (padding, shorter rows) stay neutral
+        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, v, DOT_PRECISION, INTERP_BF16)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     if INTERP_BF16:
