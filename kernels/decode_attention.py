@@ -171,20 +171,27 @@ def choose_num_splits(B: int, Hkv: int, S: int, device: torch.device) -> int:
     return max(1, min(target, triton.cdiv(S, _MIN_KEYS_PER_SPLIT), _MAX_SPLITS))
 
 
+def check_attention_inputs(q, k_cache, v_cache):
+    """The query and cache shapes, dtypes and layouts both attention kernels take."""
+    assert q.dim() == 3 and k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "q [B,H,D], caches [Bc,S,Hkv,D]"
+    assert k_cache.shape[3] == q.shape[2] and q.shape[1] % k_cache.shape[2] == 0, \
+        "need matching head_dim, H a multiple of Hkv"
+    assert q.dtype == k_cache.dtype == v_cache.dtype and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "last dim must be contiguous"
+    assert q.device == k_cache.device == v_cache.device
+
+
 def decode_attention(q, k_cache, v_cache, seq_lens, scale, num_splits=None, rows=None, prefix_rows=None,
                      prefix_lens=None):
     """q [B, H, D]; k_cache, v_cache [Bc >= B, S, Hkv, D]; seq_lens [B] int (1 <= seq_lens[b] <= S).
     Returns [B, H, D] in q.dtype: softmax(scale * q k^T) v over keys 0 .. seq_lens[b]-1 of row b.
     With rows, prefix_rows, prefix_lens [B] (all or none): key j of query row b is read from cache
     row prefix_rows[b] when j < prefix_lens[b], else from cache row rows[b]."""
+    check_attention_inputs(q, k_cache, v_cache)
     B, H, D = q.shape
-    Bc, S, Hkv, Dk = k_cache.shape
-    assert q.dim() == 3 and k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "q [B,H,D], caches [Bc,S,Hkv,D]"
-    assert Dk == D and H % Hkv == 0, "need matching head_dim, H a multiple of Hkv"
-    assert q.dtype == k_cache.dtype == v_cache.dtype and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
-    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "last dim must be contiguous"
+    Bc, S, Hkv, _ = k_cache.shape
     assert seq_lens.shape == (B,) and seq_lens.dtype in (torch.int32, torch.int64), "seq_lens: int32 or int64 [B]"
-    assert q.device == k_cache.device == v_cache.device == seq_lens.device
+    assert seq_lens.device == q.device
     has_prefix = prefix_rows is not None
     assert (rows is None) == (prefix_lens is None) == (not has_prefix), "rows, prefix_rows, prefix_lens: all or none"
     if has_prefix:

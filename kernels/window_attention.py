@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ._common import bf16_rtne, on_device, online_softmax_step, pdl_enter, pdl_launch, triton_interpret
+from .decode_attention import check_attention_inputs
 
 _LOG2E = 1.4426950408889634
 BLOCK_Q = 16  # window positions per program; times the padded KV group: the rows of each tl.dot
@@ -125,12 +126,9 @@ def window_attention(q, k_cache, v_cache, seq_lens, scale, rows, prefix_rows, pr
     q.dtype, equal to decode_attention with the same prefix arguments: key j of row r from cache row
     prefix_rows[r] when j < prefix_lens[r], else from rows[r], over keys 0 .. seq_lens[r]-1. Rows in
     no block are not written."""
+    check_attention_inputs(q, k_cache, v_cache)
     T, H, D = q.shape
-    Bc, S, Hkv, Dk = k_cache.shape
-    assert q.dim() == 3 and k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "q [T,H,D], caches [Bc,S,Hkv,D]"
-    assert Dk == D and H % Hkv == 0, "need matching head_dim, H a multiple of Hkv"
-    assert q.dtype == k_cache.dtype == v_cache.dtype and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
-    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "last dim must be contiguous"
+    _, S, Hkv, _ = k_cache.shape
     assert seq_lens.shape == rows.shape == prefix_rows.shape == prefix_lens.shape == (T,)
     assert query_blocks.dim() == 2 and query_blocks.shape[1] == 2 and query_blocks.dtype == torch.int32
     assert all(t.is_contiguous() for t in (seq_lens, rows, prefix_rows, prefix_lens, query_blocks))
