@@ -81,7 +81,8 @@ def _sample_kernel(
 ):
     b = tl.program_id(0).to(tl.int64)
     row = logits_ptr + b * stride_b
-    t = tl.maximum(tl.load(temperature_ptr + b), 1e-6)
+    temp = tl.load(temperature_ptr + b)
+    t = tl.maximum(temp, 1e-6)
     offs = tl.arange(0, BLOCK_V)
 
     # 1. greedy: per lane the first maximal logit, then the lowest index among the lanes' maxima
@@ -105,7 +106,7 @@ def _sample_kernel(
         k = tl.load(top_k_ptr + b)
         top_p = tl.load(top_p_ptr + b)
         # rows that filter nothing (and greedy rows: bucket padding too) skip the selection
-        if (tl.load(temperature_ptr + b) > 0) & ((k < V) | (top_p < 1.0)):
+        if (temp > 0) & ((k < V) | (top_p < 1.0)):
             # 2. softmax denominator
             z = tl.zeros([BLOCK_V], tl.float32)
             for start in range(0, V, BLOCK_V):
@@ -181,7 +182,6 @@ def _sample_kernel(
         best = tl.where(upd, score, best)
     top = tl.max(best, axis=0)
     choice = tl.min(tl.where(best == top, best_i, V), axis=0)
-    temp = tl.load(temperature_ptr + b)
     tl.store(out_ptr + b, tl.where(temp > 0, choice, greedy).to(tl.int64))
 
 
