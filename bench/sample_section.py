@@ -55,6 +55,7 @@ def cases(s: dict) -> list[dict]:
 
 def measure(case: dict, backend: str, s: dict, device, dtype, timer) -> dict:
     from steerfast import sampling
+    from steerfast.kernels.sample import CANDIDATE_SLOTS
 
     B, V = case["batch"], case["vocab"]
     g = torch.Generator().manual_seed(s["seed"] * 7919 + B)
@@ -68,7 +69,6 @@ def measure(case: dict, backend: str, s: dict, device, dtype, timer) -> dict:
     def fn():
         return sampling.sample(*args, "filter", backend=backend)
     agree = (fn() == sampling.sample_torch(*args, True)).float().mean().item()
-    from steerfast.kernels.sample import CANDIDATE_SLOTS
     fit = ((logits.softmax(-1) >= (1 - 0.9) / (2 * V)).sum(-1) <= CANDIDATE_SLOTS).float().mean().item()
     return dict(**timer(fn, flush=False), agree=agree, fit=fit)
 
