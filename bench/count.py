@@ -31,7 +31,8 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default="qwen2.5-1.5b", help="preset shape of both models (default qwen2.5-1.5b)")
     p.add_argument("--batches", type=common.int_list, default=[1, 16], help="default 1,16")
     p.add_argument("--context", type=int, default=192, help="tokens in each sequence at the step (default 192)")
-    p.add_argument("--coefs", type=int, default=10, help="the hybrid's coefficients, windows [-1] (default 10)")
+    p.add_argument("--coefs", type=int, default=10,
+                   help="coefficients of both hybrids: windows [-1], and the grid at batch 1 (default 10)")
     p.add_argument("--out", default=str(common.REPO_ROOT / "bench" / "out" / "count.json"))
 
 
@@ -65,6 +66,7 @@ def run(args) -> int:
     n = base.args.n_layers
     sae, vectors, bias = make_controller(think.args.dim, base.args.dim, 15, 0)
     layers = dict(sae_layer=min(18, n - 1), steer_layer=max(0, min(10, n - 2)))  # >= 1 layer re-run
+    coefs = [0.1 * (i + 1) for i in range(args.coefs)]
     rows = []
     for B in args.batches:
         base.ensure_cache(B, C + 16)
@@ -73,7 +75,7 @@ def run(args) -> int:
         rows.append(dict(what="decode", batch=B, kernels=c["kernels"], gb_read=c["bytes_read"] / 1e9,
                          floor_gb=floor / 1e9, ratio=c["bytes_read"] / floor, syncs=c["syncs"]))
         h = sf.Hybrid(base, think, sae, vectors, bias, **layers,
-                      coefs=[0.1 * (i + 1) for i in range(args.coefs)], windows=[-1], gate=0.12)
+                      coefs=coefs, windows=[-1], gate=0.12)
         prompts = [[1] * C] * B
         h.generate(prompts, prompts, max_new_tokens=2, eos_token_id=None)  # caches and the step's buffers
         c = counted_fast_step(h, B, C)
@@ -83,7 +85,7 @@ def run(args) -> int:
                          syncs=c["syncs"]))
         if B == 1:  # one steered row's candidates at the paper's grid: attention block by block and row by row
             g = sf.Hybrid(base, think, sae, vectors, bias, **layers,
-                          coefs=[0.1 * (i + 1) for i in range(args.coefs)], windows=[0, -1, -15, -50, -100],
+                          coefs=coefs, windows=[0, -1, -15, -50, -100],
                           gate=0.12, scratch_rows=64, max_packed_tokens=8192)
             g.generate(prompts, prompts, max_new_tokens=2, eos_token_id=None)  # caches with scratch rows
             for per_row in (False, True):
