@@ -226,7 +226,14 @@ class Model:
 
             def step():
                 bufs["logits"], bufs["captured"] = run(bufs["tok"], bufs["pos"])
+            # the capture's warm-up runs the step for real, writing token 0's keys at position 0 of
+            # rows [0, Bb): live sequences when the caller is mid-run (the hybrid's host loop), so
+            # those entries are put back
+            k, v = self.net.kv.k, self.net.kv.v
+            saved = k[:, :Bb, 0].clone(), v[:, :Bb, 0].clone()
             self.graphs.capture(key, step, bufs)
+            k[:, :Bb, 0].copy_(saved[0])
+            v[:, :Bb, 0].copy_(saved[1])
         g, bufs = self.graphs.get(key)
         bufs["tok"].zero_()[:B] = tok
         bufs["pos"].zero_()[:B] = pos
