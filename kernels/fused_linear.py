@@ -204,13 +204,16 @@ def split_k_sum(acc, acc2, ws_ptr, cnt_ptr, offs_m, cols, mc_mask, M, WS_COLS, s
     tl.store(mine, acc, mask=mc_mask)
     if TWO:
         tl.store(mine + second, acc2, mask=mc_mask)
+    # every thread's stores before the count: the atomic is one thread's, and its release orders only
+    # that thread's writes (the compiler's own barriers happen to cover bf16, not fp32)
+    tl.debug_barrier()
     arrived = tl.atomic_add(cnt_ptr + tile, 1)  # splits before this one
     last = (tl.zeros_like(acc).to(tl.int32) + arrived) == SPLIT_K - 1  # all equal (a tensor: see the tests)
     sum_mask = mc_mask & last
     acc = tl.zeros_like(acc)
     acc2 = tl.zeros_like(acc2)
     for s in range(SPLIT_K):  # volatile: from L2, never a stale L1 line
-        part = ws_ptr + s * M.to(tl.int64) * WS_COLS + slice_off
+        part = ws_ptr + s * tl.cast(M, tl.int64) * WS_COLS + slice_off  # M = 1 arrives as a constexpr int
         acc += tl.load(part, mask=sum_mask, other=0.0, volatile=True)
         if TWO:
             acc2 += tl.load(part + second, mask=sum_mask, other=0.0, volatile=True)

@@ -18,16 +18,15 @@ import sys
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from steerfast import presets
 from steerfast.kernels import decode_attention, decode_tail, fused_linear, qkv_rope, sae_controller, steer_add
 from steerfast.kernels import sample, topk_sae_encode, window_attention
 
 SM90_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
-_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
-          torch.int64: "i64", torch.bool: "i1"}
 
 launches: list[tuple] = []
 group = ["decode"]  # the launches' group: "decode" (launched with PDL under --pdl) or "other"
@@ -37,23 +36,17 @@ def _record(self, *args, grid, warmup, **kwargs):
     launches.append((self, args, kwargs, group[0]))
 
 
-def _signature(fn: JITFunction, args, kwargs):
-    sig, consts = {}, {}
-    values = dict(zip([p.name for p in fn.params], args)) | kwargs
-    for p in fn.params:
-        v = values[p.name]
-        if p.is_constexpr:
-            sig[p.name], consts[p.name] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
-            sig[p.name] = "*" + _TYPES[v.dtype]
-        elif isinstance(v, bool):
-            sig[p.name] = "i1"
-        elif isinstance(v, int):
-            sig[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
-        else:
-            sig[p.name] = "fp32"
+def _source(fn: JITFunction, args, kwargs, backend):
+    """What a launch with these arguments compiles, through Triton's own binder: the signature with
+    its specialisations (an integer argument equal to 1 becomes a constexpr; 16-byte divisibility of
+    pointers and integers enables vector loads and cp.async pipelining), not a hand-made one, which
+    compiled a different kernel (it missed a split-K compile error at M = 1 and reported a quarter
+    of the shared memory). Returns (ASTSource, options, a key for one compile per variant)."""
+    bound, spec, opts = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
+    _, sig, consts, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
     options = {k: kwargs[k] for k in ("num_warps", "num_stages", "launch_pdl") if k in kwargs}
-    return sig, consts, options
+    plain = {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))}
+    return ASTSource(fn, sig, consts, attrs), options, (fn.__name__, repr(spec), repr(sorted(plain.items())))
 
 
 def _calls(shape: dict, dtype: torch.dtype, M: int):
@@ -126,17 +119,14 @@ def main(argv: list[str]) -> int:
     for dtype in (torch.bfloat16, torch.float32):
         _other_calls(dtype)
     seen, target = set(), GPUTarget("cuda", 90, 32)
+    backend = CUDABackend(target)
     for fn, args, kwargs, grp in launches:
-        sig, consts, options = _signature(fn, args, kwargs)
-        key = (fn.__name__, json.dumps(sig, sort_keys=True), repr(sorted(consts.items())),
-               repr(sorted(options.items())))
+        src, options, key = _source(fn, args, kwargs, backend)
         if key in seen:
             continue
         seen.add(key)
-        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-        shown = {k: v for k, v in consts.items() if isinstance(v, (int, str, bool))}
-        out = dict(kernel=fn.__name__, group=grp, constexprs=shown,
-                   options=options)
+        shown = {k: v for k, v in kwargs.items() if isinstance(v, (int, str, bool)) and k not in options}
+        out = dict(kernel=fn.__name__, group=grp, constexprs=shown, options=options)
         try:
             c = triton.compile(src, target=target, options=options)
             out |= dict(shared=c.metadata.shared, fits=c.metadata.shared <= SM90_SHARED_LIMIT,
