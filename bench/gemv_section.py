@@ -90,16 +90,10 @@ def layer_shapes(model: str) -> tuple[list[dict], float]:
     """The five decoder-step weights of preset `model`, with the fusions around each; its RMSNorm eps."""
     from steerfast.config import ModelArgs
     from steerfast.presets import hf_config
+    from steerfast.tuning import decode_weights
 
     a = ModelArgs.from_hf(hf_config(model).to_dict())
-    H, Hkv, D, d, I = a.n_heads, a.n_kv_heads, a.head_dim, a.dim, a.intermediate_size
-    flags = dict(norm=False, bias=False, residual=False, swiglu=False)
-    return [dict(flags, weight="qkv", N=(H + 2 * Hkv) * D, K=d, norm=True, bias=a.qkv_bias),
-            dict(flags, weight="o", N=d, K=H * D, bias=a.o_bias, residual=True),
-            dict(flags, weight="gate_up", N=2 * I, K=d, norm=True, bias=a.mlp_bias, swiglu=True),
-            dict(flags, weight="down", N=d, K=I, bias=a.mlp_bias, residual=True),
-            dict(flags, weight="lm_head", N=a.vocab_size, K=d),
-            ], a.norm_eps
+    return decode_weights(a), a.norm_eps
 
 
 def cases(s: dict) -> list[dict]:

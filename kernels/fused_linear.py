@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..tuning import lookup
 from ._common import bf16_rtne, num_sms, on_device, pdl_enter, pdl_launch, triton_interpret
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -251,9 +252,17 @@ _INTERP_CONFIG = dict(BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=1)
 
 
 def gpu_config(M: int, N_out: int, K: int, swiglu: bool = False, argmax: bool = False, elt: int = 2,
-               n_sms: int = 132) -> dict:
-    """Block sizes for a real GPU, for elements of `elt` bytes (fp32: half the BLOCK_K, the same shared
-    memory per pipeline stage). See _gpu_config_16bit. SPLIT_K from STEERFAST_SPLIT_K (split_k_for)."""
+               n_sms: int = 132, device: torch.device | None = None) -> dict:
+    """Block sizes for a real GPU, for elements of `elt` bytes: what `steerfast tune` measured best on
+    `device`'s GPU model (steerfast.tuning), else the table (_gpu_config_16bit; fp32: half the BLOCK_K,
+    the same shared memory per pipeline stage). SPLIT_K: tuned, unless STEERFAST_SPLIT_K is set (split_k_for)."""
+    op = "lm_head_argmax" if argmax else "fused_linear_swiglu" if swiglu else "fused_linear"
+    tuned = None if device is None else lookup(op, device, M, N_out, K, elt)
+    if tuned is not None:
+        if not argmax and os.environ.get("STEERFAST_SPLIT_K"):
+            programs = triton.cdiv(N_out, tuned["BLOCK_N"]) * triton.cdiv(M, block_m(M))
+            tuned["SPLIT_K"] = split_k_for(programs, K, tuned["BLOCK_K"], n_sms)
+        return tuned
     cfg = _gpu_config_16bit(M, N_out, K, swiglu, argmax)
     cfg = cfg | dict(BLOCK_K=cfg["BLOCK_K"] * 2 // elt)
     programs = triton.cdiv(N_out, cfg["BLOCK_N"]) * triton.cdiv(M, block_m(M))
@@ -345,7 +354,7 @@ def fused_linear(x, W, norm_weight=None, eps=0.0, bias=None, residual=None, swig
                  HAS_RESIDUAL=residual is not None, HAS_STEER=has_steer,
                  HAS_STEER_BIAS=has_steer and steer_bias is not None, ARGMAX=False, BLOCK_M=BLOCK_M, **_flags(x))
     cfg = dict(config or (_INTERP_CONFIG if triton_interpret() else gpu_config(
-        M, N_out, K, swiglu, elt=x.element_size(), n_sms=num_sms(x.device))))
+        M, N_out, K, swiglu, elt=x.element_size(), n_sms=num_sms(x.device), device=x.device)))
     split = cfg.pop("SPLIT_K", 1)
     grid = (triton.cdiv(N_out, cfg["BLOCK_N"]), triton.cdiv(M, BLOCK_M), split)
     ws, cnt, k_split = _split_args(x, split, cfg["BLOCK_K"], M, N, K, grid[0] * grid[1])
@@ -364,7 +373,8 @@ def lm_head_argmax(x, W, norm_weight=None, eps=0.0, config=None):
     ids = torch.empty((M,), dtype=torch.int64, device=x.device)  # every row written: no fill kernel
     if M == 0 or V == 0:
         return ids.zero_()
-    cfg = config or (_INTERP_CONFIG if triton_interpret() else gpu_config(M, V, K, argmax=True, elt=x.element_size()))
+    cfg = config or (_INTERP_CONFIG if triton_interpret() else
+                     gpu_config(M, V, K, argmax=True, elt=x.element_size(), device=x.device))
     BLOCK_M = block_m(M)
     n_blocks = triton.cdiv(V, cfg["BLOCK_N"])
     part_val = torch.empty((M, n_blocks), dtype=torch.float32, device=x.device)

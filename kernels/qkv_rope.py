@@ -14,10 +14,13 @@ k programs write the roped keys into the cache, v programs write the values unro
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+from ..tuning import lookup
 from ._common import num_sms, on_device, pdl_enter, pdl_launch, triton_interpret
 from .fused_linear import DTYPES, _round, _row_rstd, _split_args, _w_tile, _x_tile, block_m, split_k_for, split_k_sum
 
@@ -117,12 +120,18 @@ def _qkv_rope_kernel(
         tl.store(dst + HALF, t2.to(dtype), mask=mj_mask)
 
 
-def _config(M: int, interpret: bool, elt: int = 2) -> dict:
-    """No autotune (the kernel writes the cache; see fused_linear.gpu_config). From an H200 sweep: 32
+def _config(M: int, interpret: bool, elt: int = 2, N: int = 0, K: int = 0, device: torch.device | None = None) -> dict:
+    """What `steerfast tune` measured best for W [N, K] on `device`'s GPU model (steerfast.tuning; its
+    SPLIT_K unless STEERFAST_SPLIT_K is set), else the table. The table, from an H200 sweep: 32
     RoPE pairs (64 W rows) per program, so a 1.5B model (16 heads of D = 128) has only 32 programs per
     row block: the one op here that stays well under the bandwidth floor (see the module docstring)."""
     if interpret:
         return dict(BLOCK_J=16, BLOCK_K=64, num_warps=4, num_stages=1)
+    tuned = None if device is None else lookup("qkv_rope", device, M, N, K, elt)
+    if tuned is not None:
+        if os.environ.get("STEERFAST_SPLIT_K"):
+            tuned.pop("SPLIT_K", None)  # the launcher's split_k_for decides
+        return tuned
     BLOCK_K = (256 if block_m(M) == 16 else 128) * 2 // elt  # fp32: the same bytes per stage
     return dict(BLOCK_J=32, BLOCK_K=BLOCK_K, num_warps=4, num_stages=4)
 
@@ -138,7 +147,7 @@ def qkv_rope_kv_write(x, W, norm_weight, eps, bias, cos, sin, pos, rows, k_cache
     q = torch.empty((M, H, D), dtype=x.dtype, device=x.device)
     if M == 0:
         return q
-    cfg = dict(config or _config(M, triton_interpret(), x.element_size()))
+    cfg = dict(config or _config(M, triton_interpret(), x.element_size(), W.shape[0], K, x.device))
     BLOCK_M = block_m(M)
     n_j, n_m = triton.cdiv(D // 2, cfg["BLOCK_J"]), triton.cdiv(M, BLOCK_M)
     split = cfg.pop("SPLIT_K", None)

@@ -22,6 +22,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SUBCOMMANDS = {
     "eval": ("steerfast.evaluate.cli", "GSM8K / MATH500 accuracy of base, thinking and hybrid runs"),
     "research": ("steerfast.research.cli", "activations, steering vectors, SAE taxonomy, logit lens"),
+    "tune": ("steerfast.tuning", "time the decode step's kernel configs on this GPU and keep the fastest"),
     "demo": ("steerfast.demo.cli", "a miniature of the paper: trains a base/thinking pair, steers it, evaluates "
                                    "base, thinking and hybrid"),
 }
@@ -308,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version",
                    version=f"steerfast {__version__} (torch {torch.__version__}, CUDA {torch.version.cuda or 'none'})")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{generate,eval,research}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{generate,eval,research,tune,demo}")
     _add_generate(sub)
     for name, (module, help_) in SUBCOMMANDS.items():  # each lives beside the code it drives
         try:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from . import backend as _backend
 from .ops import steer_add_torch
+from .tuning import reference_wins
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -32,15 +33,18 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # still cheaper than leaving the fused epilogue (the hybrid's batch-16 fast step, 176 rows, ran on
 # them on the H200); a packed window re-run of thousands of rows is a GEMM, so past FUSED_MAX_M rows
 # the automatic choice (no backend named) is the reference: cuBLAS plus the epilogue as separate ops
-# (project issue 11: "the step picks by M"; the crossover itself is yet to be measured).
+# (project issue 11: "the step picks by M"). Where `steerfast tune` has timed both on this GPU
+# (steerfast.tuning.reference_wins), its measurement decides instead, at every M.
 FUSED_MAX_M = 256
 
 
-def _implemented(dtype, M: int = 1, backend: str | None = None) -> tuple[str, ...]:
+def _implemented(dtype, M: int = 1, backend: str | None = None, reference_wins: bool | None = None
+                 ) -> tuple[str, ...]:
     if dtype not in _KERNEL_DTYPES:
         return ("torch",)
     named = backend or os.environ.get("STEERFAST_BACKEND")
-    return ("triton", "torch") if M <= FUSED_MAX_M or named else ("torch",)
+    fused = M <= FUSED_MAX_M if reference_wins is None else not reference_wins
+    return ("triton", "torch") if fused or named else ("torch",)
 
 
 def _acc(dtype):
@@ -132,7 +136,9 @@ def fused_linear(x, W, *, norm_weight=None, eps=0.0, bias=None, residual=None, s
         assert si.dtype == ss.dtype == torch.int32 and sc.dtype == torch.float32
         assert input_pos is not None and input_pos.shape == (M,) and input_pos.dtype == torch.int32
         input_pos = input_pos.contiguous()
-    b = _backend.choose("fused_linear", x.device, _implemented(x.dtype, M, backend), backend)
+    op = "fused_linear_swiglu" if swiglu else "fused_linear"
+    tuned = reference_wins(op, x.device, M, N_out, K, x.element_size())
+    b = _backend.choose("fused_linear", x.device, _implemented(x.dtype, M, backend, tuned), backend)
     return _fused_linear_op(x, W, norm_weight, float(eps), bias, residual, bool(swiglu), sv, si, sc, ss, sb,
                             input_pos, b)
 
@@ -196,7 +202,8 @@ def qkv_rope_kv_write(x, W, norm_weight, eps, bias, cos, sin, pos, rows, k_cache
     assert pos.shape == rows.shape == (M,) and pos.dtype in (torch.int32, torch.int64) and rows.dtype == torch.int64
     assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1
     assert _contig(x, W, norm_weight, bias, cos, sin, pos, rows)
-    b = _backend.choose("qkv_rope_kv_write", x.device, _implemented(x.dtype, x.shape[0], backend), backend)
+    tuned = reference_wins("qkv_rope", x.device, M, W.shape[0], K, x.element_size())
+    b = _backend.choose("qkv_rope_kv_write", x.device, _implemented(x.dtype, M, backend, tuned), backend)
     return _qkv_rope_kv_write_op(x, W, norm_weight, float(eps), bias, cos, sin, pos, rows, k_cache, v_cache, H,
                                  Hkv, b)
 
@@ -229,7 +236,9 @@ def lm_head_argmax(x, W, norm_weight, eps, backend=None):
     assert x.dim() == 2 and W.dim() == 2 and x.shape[1] == W.shape[1], "x [M, K], W [V, K]"
     assert W.dtype == x.dtype and _contig(x, W, norm_weight)
     assert norm_weight is None or (norm_weight.shape == (x.shape[1],) and norm_weight.dtype == x.dtype)
-    b = _backend.choose("lm_head_argmax", x.device, _implemented(x.dtype, x.shape[0], backend), backend)
+    M, K = x.shape
+    tuned = reference_wins("lm_head_argmax", x.device, M, W.shape[0], K, x.element_size())
+    b = _backend.choose("lm_head_argmax", x.device, _implemented(x.dtype, M, backend, tuned), backend)
     return _lm_head_argmax_op(x, W, norm_weight, float(eps), b)
 
 

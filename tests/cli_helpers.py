@@ -13,10 +13,10 @@ ENV = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "STE
     STEERFAST_DEBUG="0", OMP_NUM_THREADS="1")
 
 
-def run_cli(*args, cwd=ROOT, exe=None, **kw) -> subprocess.CompletedProcess:
+def run_cli(*args, cwd=ROOT, exe=None, env=None, **kw) -> subprocess.CompletedProcess:
     cmd = [exe] if exe else [sys.executable, "-m", "steerfast"]
-    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=ENV, timeout=300,
-                          **kw)
+    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env or ENV,
+                          timeout=300, **kw)
 
 
 def assert_one_error_line(r: subprocess.CompletedProcess, *names: str, prog: str = "steerfast"):
