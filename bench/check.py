@@ -5,14 +5,17 @@
 Each step runs in its own process under its own time limit, and a failure never stops the rest:
   extension   steerfast._C imports and was built for this GPU (else every CUDA-kernel test skips)
   gpu-tests   python -m pytest -m gpu (pytest-xdist's -n when it is installed)
-  memcheck    compute-sanitizer --tool memcheck over the CUDA-backend op tests (when on PATH)
+  memcheck    compute-sanitizer --tool memcheck over the CUDA-kernel op tests, small shapes, bf16 (when
+              it is on PATH and steerfast._C imports)
   decode      bench decode, short: Qwen2.5-1.5B at batch 1 and 16, Llama-3.1-8B at batch 1
-  decode-ab   the same Qwen2.5-1.5B batch 1 with the opt-in kernel settings (--variants pdl, splitk and
-              both: programmatic dependent launch, split-K), to decide whether they become defaults
+  decode-ab   Qwen2.5-1.5B batch 1 as is and with the opt-in kernel settings (--variants default, pdl,
+              splitk and both: programmatic dependent launch, split-K), to decide their defaults
   kernels     bench kernels, short: the Qwen2.5-1.5B shapes at batch 1
   hybrid      bench hybrid, short: windows [-1] and the paper's grid at batch 1 and 16, the 12% gate
-Then one table: each step passed/failed with the failing test names and the first line of each
-error, and the headline figures (tok/s and % of the floor per preset and batch, hybrid tok/s and %
+The limits sum to 293 s (most are not yet timed on a GPU; --scale stretches them all). A step
+that runs out is stopped whole (its process group), and a bench's own error records count as
+failures. Then one table: each step passed/failed with the failing test names (or bench cases)
+and the first line of each error, and the headline figures (tok/s and % of the floor per preset and batch, hybrid tok/s and %
 of its floor).
 Without a GPU it says so in one line and exits 0.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -35,7 +39,8 @@ OUT = common.REPO_ROOT / "bench" / "out"
 def add_arguments(p) -> None:
     p.add_argument("--out", default=str(OUT / "check.json"))
     p.add_argument("--only", type=common.str_list, default=None,
-                   help="comma-separated steps to run (gpu-tests, memcheck, decode, kernels, hybrid)")
+                   help="comma-separated steps to run (extension, gpu-tests, memcheck, decode, decode-8b, "
+                        "decode-ab, kernels, hybrid)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every step's time limit")
 
 
@@ -44,34 +49,45 @@ def steps(out_dir: Path) -> list[dict]:
     xdist = _has_module("xdist")
     return [
         dict(name="extension", timeout=10, cmd=[py, "-c", EXTENSION_CHECK]),
-        dict(name="gpu-tests", timeout=90, junit=out_dir / "check-gpu-tests.xml",
+        dict(name="gpu-tests", timeout=85, junit=out_dir / "check-gpu-tests.xml",
              cmd=[py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
                   *(["-n", str(min(8, os.cpu_count() or 1))] if xdist else []),
                   f"--junitxml={out_dir / 'check-gpu-tests.xml'}"]),
-        dict(name="memcheck", timeout=25, junit=out_dir / "check-memcheck.xml", needs="compute-sanitizer",
+        # steerfast._C's kernels at small shapes, bf16. Without torch's caching allocator, so an overrun
+        # past a tensor's end is not hidden inside a cached block (which rules out graph capture)
+        dict(name="memcheck", timeout=40, junit=out_dir / "check-memcheck.xml", needs="compute-sanitizer",
+             needs_extension=True,
+             env=dict(PYTORCH_NO_CUDA_MEMORY_CACHING="1"),
              cmd=["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "99", py, "-m", "pytest", "-q",
-                  "-p", "no:cacheprovider", "-o", "addopts=", "-k", "cuda and not large",
+                  "-p", "no:cacheprovider", "-o", "addopts=", "-k", MEMCHECK_TESTS,
                   f"--junitxml={out_dir / 'check-memcheck.xml'}",
                   "tests/test_ops.py", "tests/test_sae_ops.py"]),
-        dict(name="decode", timeout=30, json=out_dir / "check-decode.json",  # 25 s on an H200
+        dict(name="decode", timeout=28, json=out_dir / "check-decode.json",  # 25 s on an H200
              cmd=[py, "-m", "bench", "decode", "--models", "qwen2.5-1.5b", "--batches", "1,16", "--new-tokens", "64",
                   "--no-hf", "--out", str(out_dir / "check-decode.json")]),
-        dict(name="decode-8b", timeout=30, json=out_dir / "check-decode-8b.json",  # 21 s
+        dict(name="decode-8b", timeout=24, json=out_dir / "check-decode-8b.json",  # 21 s
              cmd=[py, "-m", "bench", "decode", "--models", "llama-3.1-8b", "--batches", "1", "--new-tokens", "64",
                   "--no-hf", "--out", str(out_dir / "check-decode-8b.json")]),
+        # the baseline in the same process as the variants: the same clocks and compile cache
         dict(name="decode-ab", timeout=30, json=out_dir / "check-decode-ab.json",  # not yet timed
-             cmd=[py, "-m", "bench", "decode", "--models", "qwen2.5-1.5b", "--batches", "1", "--new-tokens", "64",
-                  "--no-hf", "--variants", "pdl,splitk,pdl+splitk", "--out", str(out_dir / "check-decode-ab.json")]),
-        dict(name="kernels", timeout=30, json=out_dir / "check-kernels.json",
-             cmd=[py, "-m", "bench", "kernels", "--sections", "topk,gemv", "--batches", "1", "--dims", "1536",
+             cmd=[py, "-m", "bench", "decode", "--models", "qwen2.5-1.5b", "--batches", "1", "--new-tokens", "32",
+                  "--no-hf", "--variants", "default,pdl,splitk,pdl+splitk",
+                  "--out", str(out_dir / "check-decode-ab.json")]),
+        # one process (--isolate no): seven child processes would spend the limit importing torch
+        dict(name="kernels", timeout=28, json=out_dir / "check-kernels.json",
+             cmd=[py, "-m", "bench", "kernels", "--isolate", "no", "--sections", "topk,gemv", "--batches", "1",
+                  "--dims", "1536",
                   "--latents", "16384", "--gemv-models", "qwen2.5-1.5b", "--gemv-batches", "1", "--reps", "20",
                   "--out", str(out_dir / "check-kernels.json")]),
-        dict(name="hybrid", timeout=55, json=out_dir / "check-hybrid.json",  # a (both gates) took ~25 s; b untimed
+        dict(name="hybrid", timeout=48, json=out_dir / "check-hybrid.json",  # a (both gates) took ~25 s; b untimed
              cmd=[py, "-m", "bench", "hybrid", "--sections", "steerfast,floor", "--batches", "1,16",
                   "--configs", "a,b", "--gates", "rate", "--new-tokens", "32",
                   "--out", str(out_dir / "check-hybrid.json")]),
     ]
 
+
+MEMCHECK_TESTS = ("cuda and bf16 and not graph and not decode_attention and not n131072 and not B256 and not d8192 "
+                  "and not n16384")  # 41 tests; decode_attention's cuda backend is flash-attn's, not ours
 
 # on a GPU machine an install without _C is a failure: every CUDA-kernel test would skip, not fail
 EXTENSION_CHECK = """
@@ -90,6 +106,30 @@ def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def _run(cmd, limit: float, env: dict | None) -> tuple[int | None, str]:
+    """(exit code or None on timeout, stdout + stderr). The step runs in its own process group: on
+    timeout all of it stops (compute-sanitizer's pytest, xdist workers, bench workers), first with
+    SIGINT so pytest still writes its JUnit file, then SIGKILL; nothing is left using the GPU while
+    the next step is timed."""
+    p = subprocess.Popen(cmd, cwd=common.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         errors="replace", start_new_session=True, env=None if env is None else os.environ | env)
+    try:
+        out, err = p.communicate(timeout=limit)
+        return p.returncode, out + err
+    except subprocess.TimeoutExpired:
+        for sig, grace in ((signal.SIGINT, 5.0), (signal.SIGKILL, None)):
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                out, err = p.communicate(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        return None, out + err
+
+
 def run_step(step: dict, scale: float) -> dict:
     rec = dict(name=step["name"], command=" ".join(map(str, step["cmd"])))
     if step.get("needs") and shutil.which(step["needs"]) is None:
@@ -100,24 +140,50 @@ def run_step(step: dict, scale: float) -> dict:
     limit = step["timeout"] * scale
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(step["cmd"], cwd=common.REPO_ROOT, capture_output=True, text=True, timeout=limit)
-        rc, out = p.returncode, p.stdout + p.stderr
-    except subprocess.TimeoutExpired as e:
-        rc = None
-        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        rc, out = _run(step["cmd"], limit, step.get("env"))
+    except OSError as e:  # the command itself could not start
+        rc, out = -1, f"{type(e).__name__}: {e}"
     rec.update(wall_s=round(time.perf_counter() - t0, 1), rc=rc, output_tail=out[-6000:])
-    failures = junit_failures(step["junit"]) if step.get("junit") else []
+    failures, broken = [], []
+    if step.get("junit"):
+        try:
+            failures = junit_failures(step["junit"])
+        except ET.ParseError as e:  # cut off mid-write
+            broken.append(f"{Path(step['junit']).name}: {e}")
+    if step.get("json") and Path(step["json"]).exists():
+        try:
+            rec["result"] = json.loads(Path(step["json"]).read_text())
+            failures += result_errors(rec["result"])
+        except ValueError as e:
+            broken.append(f"{Path(step['json']).name}: {e}")
     rec["failures"] = failures
     if rc is None:
         rec.update(status="failed", detail=f"timed out after {limit:.0f} s")
-    elif rc == 0 and not failures:
+    elif rc == 0 and not failures and not broken:
         rec.update(status="passed", detail="")
     else:
         first = next((ln for ln in reversed(out.strip().splitlines()) if ln.strip()), "")
-        rec.update(status="failed", detail=f"exit {rc}" + (f": {first[:200]}" if not failures else ""))
-    if step.get("json") and Path(step["json"]).exists():
-        rec["result"] = json.loads(Path(step["json"]).read_text())
+        rec.update(status="failed", detail="; ".join(broken) or f"exit {rc}" + (f": {first[:200]}" if not failures
+                                                                                  else ""))
     return rec
+
+
+def result_errors(doc, where: str = "") -> list[dict]:
+    """The bench's own error records (a case that raised is recorded, not fatal), as failures: where
+    in the JSON, and the first line of the error."""
+    out = []
+    if isinstance(doc, dict):
+        if isinstance(doc.get("error"), str):
+            what = " ".join(f"{k}={doc[k]}" for k in ("model", "op", "weight", "config", "batch", "backend", "gate",
+                                                        "variant", "section") if k in doc)
+            out.append(dict(test=f"{where} {what}".strip(), error=(doc["error"].strip().splitlines() or [""])[0][:200]))
+        for k, v in doc.items():
+            if k not in ("error", "env"):
+                out += result_errors(v, f"{where}.{k}" if where else k)
+    elif isinstance(doc, list):
+        for v in doc:
+            out += result_errors(v, where)
+    return out
 
 
 def junit_failures(path: Path) -> list[dict]:
@@ -164,7 +230,7 @@ def run(args) -> int:
     if not torch.cuda.is_available():
         print("bench check: no CUDA GPU is visible (torch.cuda.is_available() is False); nothing to check.")
         return 0
-    out_path = Path(args.out)
+    out_path = Path(args.out).resolve()  # the steps run in the repository root
     out_path.parent.mkdir(parents=True, exist_ok=True)
     todo = [s for s in steps(out_path.parent) if args.only is None or s["name"] in args.only]
     env = common.environment(common.resolve_device(None), torch.bfloat16, getattr(args, "argv", ["check"]))
@@ -174,7 +240,11 @@ def run(args) -> int:
     doc = dict(bench="check", env=env, steps=results)
     for step in todo:
         print(f"  {step['name']} ...", end=" ", flush=True)
-        rec = run_step(step, args.scale)
+        if step.get("needs_extension") and any(r["name"] == "extension" and r["status"] != "passed" for r in results):
+            # every test it would run skips without _C: a pass would check nothing
+            rec = dict(name=step["name"], status="skipped", detail="steerfast._C did not import (see extension)")
+        else:
+            rec = run_step(step, args.scale)
         results.append(rec)
         print(f"{rec['status']} ({rec.get('wall_s', 0)} s)", flush=True)
         common.write_json(out_path, doc)  # after every step: a later crash loses nothing

@@ -207,7 +207,9 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> st
 def write_json(path: str | Path, obj: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp = path.with_name(path.name + ".tmp")  # a process killed mid-write leaves the last whole file
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
     return path
 
 

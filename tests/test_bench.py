@@ -284,6 +284,40 @@ def test_bench_check_step_reports_failing_tests_and_goes_on(tmp_path):
     assert row["what"] == "decode tiny batch 1" and "tok/s" in row["value"] and "% of floor" in row["value"]
 
 
+def test_bench_check_stops_a_timed_out_step_whole_and_survives_broken_output(tmp_path):
+    """A step that runs out of time is stopped with everything it started (a grandchild left running
+    would share the GPU with the next step's timing) and keeps its stderr; a truncated JSON or a
+    bench's own error records make the step fail, never the check."""
+    from bench import check
+
+    flag = tmp_path / "grandchild-survived"
+    (tmp_path / "grandchild.py").write_text(f"import time\ntime.sleep(2)\nopen({str(flag)!r}, 'w')\n")
+    (tmp_path / "child.py").write_text(
+        "import subprocess, sys, time\nsys.stderr.write('started\\n')\nsys.stderr.flush()\n"
+        f"subprocess.Popen([sys.executable, {str(tmp_path / 'grandchild.py')!r}])\ntime.sleep(30)\n")
+    child = str(tmp_path / "child.py")
+    rec = check.run_step(dict(name="t", timeout=1.0, cmd=[sys.executable, child]), 1.0)
+    assert rec["status"] == "failed" and "timed out" in rec["detail"] and "started" in rec["output_tail"]
+    import time
+    time.sleep(3)
+    assert not flag.exists(), "the step's grandchild outlived the timeout"
+
+    bad = tmp_path / "bad.json"
+    rec = check.run_step(dict(name="j", timeout=30, json=bad, cmd=[
+        sys.executable, "-c", f"open({str(bad)!r}, 'w').write('{{\"bench\": \"dec')"]), 1.0)
+    assert rec["status"] == "failed" and "bad.json" in rec["detail"] and "result" not in rec
+
+    errs = tmp_path / "errs.json"
+    doc = dict(bench="kernels", env=dict(error="not this one"), results=dict(gemv=[
+        dict(model="qwen2.5-1.5b", weight="o", batch=1, backend="triton", us=3.0),
+        dict(model="qwen2.5-1.5b", weight="down", batch=1, backend="triton", error="OutOfResources: shared\nmore")]))
+    rec = check.run_step(dict(name="k", timeout=30, json=errs, cmd=[
+        sys.executable, "-c", f"import json; json.dump({doc!r}, open({str(errs)!r}, 'w'))"]), 1.0)
+    assert rec["status"] == "failed" and rec["result"] == doc
+    (f,) = rec["failures"]
+    assert f["error"] == "OutOfResources: shared" and "weight=down" in f["test"] and "results.gemv" in f["test"]
+
+
 def test_candidate_flops_counts_the_packed_reruns_matmuls(monkeypatch):
     """bench.hybrid_cost.candidate_flops against Hybrid's packed candidate re-run (float64: the torch
     references): its matmul FLOPs equal those of every F.linear the re-run calls; attention is added
