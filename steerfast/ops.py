@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 
 from . import backend as _backend
+from .errors import InvalidInputError
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -107,6 +108,8 @@ def decode_attention(q, k_cache, v_cache, seq_lens, scale=None, backend=None, ro
     assert (rows is None) == (prefix_rows is None) == (prefix_lens is None), "rows, prefix_rows, prefix_lens: all or none"
     assert rows is not None or q.shape[0] <= k_cache.shape[0]
     assert query_blocks is None or rows is not None, "query_blocks go with rows, prefix_rows, prefix_lens"
+    same_device(q, k_cache=k_cache, v_cache=v_cache, seq_lens=seq_lens, rows=rows, prefix_rows=prefix_rows,
+                prefix_lens=prefix_lens, query_blocks=query_blocks)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     implemented = decode_attention_backends(q.dtype)
     if rows is not None:
@@ -153,14 +156,24 @@ def _(h, input_pos, start, vectors, idx, coef, bias, backend):
     return None
 
 
+def same_device(ref: torch.Tensor, **tensors) -> None:
+    """Every tensor on ref's device: a kernel given another device's pointer faults (and an illegal
+    address ends the CUDA context) or, where the GPU can map host memory, reads the wrong bytes."""
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise InvalidInputError(f"{name} is on {t.device}, the op's input on {ref.device}: move it there first")
+
+
 def _check_steer(h, input_pos, start, vectors, idx, coef, bias):
     B, T, d = h.shape
+    same_device(h, input_pos=input_pos, start=start, vectors=vectors, idx=idx, coef=coef, bias=bias)
     assert vectors.dtype == h.dtype and (bias is None or bias.dtype == h.dtype)
     assert vectors.dim() == 2 and vectors.shape[1] == d and vectors.is_contiguous()
     assert bias is None or (bias.shape == (d,) and bias.is_contiguous())
     assert input_pos.shape == (B, T) and input_pos.dtype == torch.int32 and input_pos.is_contiguous()
     assert start.shape == idx.shape == coef.shape == (B,)
     assert start.dtype == idx.dtype == torch.int32 and coef.dtype == torch.float32
+    assert start.is_contiguous() and idx.is_contiguous() and coef.is_contiguous(), "start, idx, coef: contiguous"
 
 
 def steer_add_(h, input_pos, start, vectors, idx, coef, bias=None, backend=None):
@@ -208,6 +221,7 @@ def _(x, y, input_pos, start, vectors, idx, coef, bias, backend):
 def steer_residual_add(x, y, input_pos, start, vectors, idx, coef, bias=None, backend=None):
     """x + y, steered (see `steer_residual_add_torch`). x, y contiguous [B, T, d], same dtype."""
     assert y.shape == x.shape and y.dtype == x.dtype and x.is_contiguous() and y.is_contiguous()
+    same_device(x, y=y)
     _check_steer(x, input_pos, start, vectors, idx, coef, bias)
     implemented = ("cuda", "triton", "torch") if x.dtype in _DTYPE_CODE else ("torch",)
     b = _backend.choose("steer_residual_add", x.device, implemented, backend)
@@ -264,6 +278,7 @@ def _(x, W_enc, b_enc, b_dec, k, relu, backend):
 
 
 def _check_sae(x, W_enc, b_enc, b_dec):
+    same_device(x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec)
     assert x.dim() == 2 and W_enc.dim() == 2 and x.shape[1] == W_enc.shape[0]
     assert b_enc.shape == (W_enc.shape[1],) and b_dec.shape == (x.shape[1],)
     assert x.dtype == W_enc.dtype == b_enc.dtype == b_dec.dtype
@@ -341,6 +356,7 @@ def sae_controller(x, W_enc, b_enc, b_dec, cat_map, threshold=float("-inf"), cat
     _check_sae(x, W_enc, b_enc, b_dec)
     n = W_enc.shape[1]
     assert cat_map.shape == (n,) and cat_map.dtype == torch.int32 and cat_map.is_contiguous()
+    same_device(x, cat_map=cat_map, cat_coef=cat_coef)
     if cat_coef is None:
         cat_coef = torch.ones(max(int(n), 1), dtype=torch.float32, device=x.device)
     assert cat_coef.dtype == torch.float32 and cat_coef.dim() == 1 and cat_coef.is_contiguous()

@@ -374,6 +374,30 @@ def test_env_var_selects_triton(monkeypatch):
         assert _backend.choose(op, DEVICE, ("cuda", "triton", "torch")) == "triton"
 
 
+def test_a_tensor_on_another_device_is_refused_before_any_kernel():
+    """A raw pointer from another device would fault in the kernel (an illegal address ends the CUDA
+    context): every op names the stray argument first. 'meta' stands in for the other device."""
+    from steerfast.errors import InvalidInputError
+
+    attn_args, (h, pos, start, vectors, idx, coef, bias) = _small_inputs()
+    meta = lambda t: torch.empty_like(t, device="meta")  # noqa: E731
+    with pytest.raises(InvalidInputError, match="vectors is on meta"):
+        ops.steer_add_(h, pos, start, meta(vectors), idx, coef, bias)
+    with pytest.raises(InvalidInputError, match="y is on meta"):
+        ops.steer_residual_add(h.contiguous(), meta(h.contiguous()), pos, start, vectors, idx, coef, bias)
+    with pytest.raises(AssertionError, match="contiguous"):
+        ops.steer_add_(h, pos, torch.stack([start, start], 1)[:, 0], vectors, idx, coef, bias)
+    q, k, v, lens = attn_args[:4]
+    with pytest.raises(InvalidInputError, match="seq_lens is on meta"):
+        ops.decode_attention(q, k, v, meta(lens))
+    d, n = 16, 9
+    x, W, be, bd = torch.randn(3, d), torch.randn(d, n), torch.randn(n), torch.randn(d)
+    with pytest.raises(InvalidInputError, match="W_enc is on meta"):
+        ops.topk_sae_encode(x, meta(W), be, bd, 2)
+    with pytest.raises(InvalidInputError, match="cat_map is on meta"):
+        ops.sae_controller(x, W, be, bd, meta(torch.zeros(n, dtype=torch.int32)), 0.0)
+
+
 def test_forcing_cuda_on_cpu_tensors_raises(monkeypatch):
     attn_args, steer_args = _small_inputs()
     attn_args = [t.cpu() for t in attn_args]
