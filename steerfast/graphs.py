@@ -21,22 +21,27 @@ class CudaGraphBackend:
     def __init__(self, device):
         import torch
 
-        self.torch, self.device = torch, device
+        self.torch, self.device, self._stream = torch, device, None
 
     def capture(self, step: Callable[[], None], reset: Callable[[], None], pool, warmup: int):
         torch = self.torch
-        # warm-up on a side stream, as torch.cuda.graphs requires: Triton compiles, cuBLAS picks its
-        # kernels and the allocator learns the sizes; `reset` puts the buffers back after each run
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
+        # the model's device current throughout, and a capture stream of its own: torch.cuda.graph's
+        # default stream is made once, on whichever device was current then
+        with torch.cuda.device(self.device):
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(self.device)
+            # warm-up on a side stream, as torch.cuda.graphs requires: Triton compiles, cuBLAS picks
+            # its kernels and the allocator learns the sizes; `reset` puts the buffers back after each
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    step()
+                    reset()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool, stream=self._stream):
                 step()
-                reset()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=pool):
-            step()
         return g
 
     @staticmethod

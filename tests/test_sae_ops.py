@@ -429,3 +429,43 @@ def test_steer_residual_add_exact(shape, dtype_tol, backend, seed):
     base_err = (base.double() - ref)[g].abs().max().item()
     _check_2x(err, base_err, FLOOR[dtype], what)
     torch.testing.assert_close(out.double()[g], ref[g], atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_sae_and_steering_ops_capture_on_a_side_stream_and_replay_exactly(backend, seed):
+    """The hybrid captures the controller on the thinking model's stream, forked inside the graph:
+    each op must launch on the current stream (a launch on another one breaks the capture or is
+    missing from the graph) and replay with new inputs exactly as it runs eagerly."""
+    _skip_unavailable(backend, "sae_controller")
+    x, W, b_enc, b_dec, cat_map, cat_coef = _controller_inputs(16, 1536, 1000, torch.bfloat16, 5)
+    h, y, pos, start, vectors, idx, coef, bias = _make_steer(16, 1, 1536, 5, torch.bfloat16, True)
+
+    def step():
+        enc = ops.topk_sae_encode(x, W, b_enc, b_dec, 32, backend=backend)
+        ctl = ops.sae_controller(x, W, b_enc, b_dec, cat_map, 0.0, cat_coef, backend=backend)
+        out = ops.steer_residual_add(h, y, pos, start, vectors, ctl.category, ctl.coef, bias, backend=backend)
+        return enc, ctl, out
+
+    main = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        step()  # compiles and warms up outside the capture
+    main.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fork = torch.cuda.Stream()
+        fork.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(fork):
+            captured = step()
+        torch.cuda.current_stream().wait_stream(fork)
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        h.copy_(torch.randn_like(h))
+        graph.replay()
+        want = step()
+        torch.cuda.synchronize()
+        for got, ref in zip((*captured[0], *captured[1], captured[2]), (*want[0], *want[1], want[2])):
+            assert torch.equal(got, ref)

@@ -177,7 +177,7 @@ class Hybrid:
     def _fast_runner(self, Bb: int, n_eos: int, coefs: list[float]):
         """Fixed buffers and (on the GPU path) the captured fast step for this bucket."""
         key = (Bb, n_eos, tuple(coefs))
-        if self.base.eager:
+        if self.base.eager or self.thinking.device != self.base.device:  # a graph is one device's
             return new_state(Bb, self.base.cache_len, n_eos, coefs, self.base.device), None
         if key not in self.graphs:
             s = new_state(Bb, self.base.cache_len, n_eos, coefs, self.base.device)
