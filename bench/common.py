@@ -34,11 +34,14 @@ def default_device() -> str:
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """--device as a torch.device with an index on CUDA ("cuda" -> the current one): set_device,
-    events and memory queries refuse an index-less CUDA device."""
+    """--device as a torch.device with an index on CUDA ("cuda" -> the current one: set_device,
+    events and memory queries refuse an index-less CUDA device), made the current device: CUDA
+    events, torch.cuda._sleep and the copy-bandwidth probe run on the current device."""
     device = torch.device(name or default_device())
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
     return device
 
 

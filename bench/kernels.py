@@ -630,8 +630,6 @@ def make_emit(section: str, backend: str, records: list, save=None):
 def run_worker(args) -> int:
     section, backend = args.worker
     device = common.resolve_device(args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # torch.cuda._sleep and the events use the current device
     s = settings(args, device)
     records: list[dict] = []
     common.write_json(args.out, dict(records=records))
@@ -672,8 +670,6 @@ def run(args) -> int:
         return run_worker(args)
     device = common.resolve_device(args.device)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.set_device(device)
     s = settings(args, device)
     dtype = common.DTYPES[s["dtype"]]
     isolate = args.isolate == "yes" or (args.isolate == "auto" and cuda)
