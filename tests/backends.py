@@ -22,6 +22,8 @@ def _triton_skip_reason() -> str | None:
 
 
 TRITON_SKIP = _triton_skip_reason()
+# tests that run Triton kernels on CPU tensors (no GPU needed): only the interpreter takes those
+CPU_TRITON_SKIP = TRITON_SKIP or (None if INTERPRET else "Triton kernels on CPU tensors need TRITON_INTERPRET=1")
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
 
 BACKENDS = [

@@ -1,4 +1,16 @@
+import os
+
 import pytest
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, each worker's torch takes its share of the cores, not all of them: eight
+    workers each running 16 threads on 16 cores spent the GPU machine's time switching threads."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -18,8 +30,6 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def seed():
     """A fresh seed per test, printed so a failure can be replayed with STEERFAST_TEST_SEED."""
-    import os
-
     import torch
 
     s = int(os.environ["STEERFAST_TEST_SEED"]) if "STEERFAST_TEST_SEED" in os.environ else torch.seed()

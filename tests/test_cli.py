@@ -198,7 +198,7 @@ def test_generate_streams_text_for_one_prompt(tiny, tok_dir, capsys, monkeypatch
     n = int(torch.randint(5, 20, ()))
     want = tok.decode(tiny.generate([tok(words)["input_ids"]], n, eos_token_id=None)[0])
     assert main(["generate", "--random", "tiny", "--tokenizer", str(tok_dir), "--prompt", words,
-                 "--max-new-tokens", str(n)]) == 0
+                 "--max-new-tokens", str(n), "--device", "cpu"]) == 0  # the fixture's device and dtype
     out = capsys.readouterr().out.splitlines()
     assert out[0] == want and "tokens/s" in out[1]
 
@@ -212,7 +212,7 @@ def test_generate_sampling_prints_every_row_as_text(tiny, tok_dir, capsys, monke
     assert len({tuple(w) for w in want}) > 1, "sampled rows should differ"
     argv = ["generate", "--random", "tiny", "--tokenizer", str(tok_dir), "--prompt-ids", ",".join(map(str, ids)),
             "--batch", str(batch), "--max-new-tokens", str(n), "--temperature", "0.9", "--top-k", "20",
-            "--top-p", "0.8", "--seed", str(seed)]
+            "--top-p", "0.8", "--seed", str(seed), "--device", "cpu"]  # the fixture's device and dtype
     assert main(argv) == 0
     out = capsys.readouterr().out  # every row by default (a row's text may hold newlines)
     assert out.startswith("".join(f"[{i}] {tok.decode(w)}\n" for i, w in enumerate(want)))

@@ -6,7 +6,7 @@ import torch
 
 import steerfast as sf
 from steerfast.model import Context
-from tiny_models import hf_greedy, random_prompts, tiny_hf
+from tiny_models import greedy_regret, hf_greedy, random_prompts, tiny_hf
 
 # (family, n_heads, n_kv_heads, tied, llama3_rope): GQA 1:1, 2:1, 6:1; tied and untied; qkv bias
 # (Qwen2); llama3 RoPE scaling with prompts that cross its original 32-position context
@@ -204,7 +204,9 @@ def test_cuda_graph_decode_equals_eager_and_transformers(family):
     assert not graphed.eager and eager.eager
     prompts = random_prompts([37, 5, 1, 20, 9])
     out = graphed.generate(prompts, 70, eos_token_id=None)
-    assert out == eager.generate(prompts, 70, eos_token_id=None) == [hf_greedy(hf, p, 70) for p in prompts]
+    assert out == eager.generate(prompts, 70, eos_token_id=None)  # the same kernels: exactly
+    for p, o in zip(prompts, out):  # transformers' float32 sums in another order: near ties may go either way
+        assert len(o) == 70 and greedy_regret(hf, p, o) < 1e-4
     steer = sf.Steering(torch.randn(hf.config.hidden_size, device="cuda"), layer=1, coef=3.0)
     kw = dict(eos_token_id=None, steering=steer, temperature=0.8, top_p=0.9, seed=5)
     assert graphed.generate(prompts, 40, **kw) == eager.generate(prompts, 40, **kw)

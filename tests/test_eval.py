@@ -513,11 +513,12 @@ def test_end_to_end_cli_on_tiny_models(tiny, tmp_path, capsys):
 
 def test_two_process_gloo_run_merges_to_the_one_process_results(tiny, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    args = _cli_args(tiny, one, data=GSM8K_FILE, limit=7)
+    cpu = ["--device", "cpu"]  # gloo's processes on the CPU: a one-GPU machine has no cuda:1 for rank 1
+    args = _cli_args(tiny, one, data=GSM8K_FILE, limit=7, extra=cpu)
     assert cli_main(args) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "steerfast", *_cli_args(tiny, two, data=GSM8K_FILE, limit=7)]
+           "-m", "steerfast", *_cli_args(tiny, two, data=GSM8K_FILE, limit=7, extra=cpu)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for run in ("base", "thinking", "hybrid"):

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import steerfast as sf
-from backends import TRITON_SKIP
+from backends import CPU_TRITON_SKIP
 from steerfast.launch_count import count_launches
 from tiny_models import random_prompts, tiny_hf
 
-pytestmark = pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
+pytestmark = pytest.mark.skipif(CPU_TRITON_SKIP is not None, reason=str(CPU_TRITON_SKIP))
 
 PER_LAYER, PER_STEP = 6, 4
 

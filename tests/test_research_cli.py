@@ -171,7 +171,7 @@ def test_token_labels_give_the_id_and_say_undecodable(tmp_path, capsys, monkeypa
     v = torch.randn(m.args.dim)
     R.save_vector(tmp_path / "v.safetensors", v, layer=0, name="bt")
     assert main(["research", "logit-lens", "--model", str(mdir), "--tokenizer", str(tmp_path / "tok"), "--vector",
-                 str(tmp_path / "v.safetensors"), "--top", "4"]) == 0
+                 str(tmp_path / "v.safetensors"), "--top", "4", "--device", "cpu", "--dtype", "fp32"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[0]
     top = R.logit_lens(m, v, 4)
     for i, _ in top:

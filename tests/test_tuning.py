@@ -16,7 +16,7 @@ from steerfast.fused_ops import FUSED_MAX_M, _implemented
 from steerfast.kernels import fused_linear as FL
 from steerfast.kernels import qkv_rope as QR
 
-from backends import TRITON_SKIP
+from backends import CPU_TRITON_SKIP, TRITON_SKIP
 from cli_helpers import ENV, assert_one_error_line, run_cli
 
 CUDA0 = torch.device("cuda", 0)  # only a key here: device_slug is replaced, nothing touches a GPU
@@ -77,7 +77,7 @@ def _clock(step):
     return lambda fn: (fn(), next(t))[1]
 
 
-@pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
+@pytest.mark.skipif(CPU_TRITON_SKIP is not None, reason=str(CPU_TRITON_SKIP))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_config_the_search_reaches_computes_the_op(dtype):
     """Every config the search launches is checked against the fp32 reference (the gate behind which
@@ -99,7 +99,7 @@ def test_every_config_the_search_reaches_computes_the_op(dtype):
         assert r["failed"] == [] and r["us"] < r["table_us"], r
 
 
-@pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
+@pytest.mark.skipif(CPU_TRITON_SKIP is not None, reason=str(CPU_TRITON_SKIP))
 def test_a_wrong_config_is_refused_by_the_reference_check(monkeypatch):
     """Mutation check of the gate: a launcher that drops the last K block when SPLIT_K > 1 must
     fail every split config, and the search must never pick one."""
@@ -184,7 +184,7 @@ def test_tune_cli_refuses_what_it_cannot_measure(tmp_path):
     assert_one_error_line(run_cli("tune", "--model", tmp_path), "--model", prog=prog)
 
 
-@pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
+@pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))  # its subprocess sets TRITON_INTERPRET
 def test_tune_cli_dry_run_on_the_interpreter(tmp_path):
     r = run_cli("tune", "--random", "tiny", "--device", "cpu", "--rows", "2", "--dtype", "fp32",
                 env=ENV | dict(TRITON_INTERPRET="1", XDG_CACHE_HOME=str(tmp_path)))

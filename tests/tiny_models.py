@@ -42,3 +42,20 @@ def hf_greedy(hf, prompt, max_new_tokens, eos_token_id=None):
 
 def random_prompts(lengths, vocab=VOCAB):
     return [torch.randint(0, vocab, (n,)).tolist() for n in lengths]
+
+
+def greedy_regret(hf, prompt, tokens) -> float:
+    """How far the greedy continuation `tokens` of `prompt` strays from transformers' float64 argmax,
+    step by step along `tokens` itself (teacher forced): the largest gap between a step's best logit
+    and the chosen token's. 0 when every token is the float64 argmax. Float32 runs on a GPU sum in
+    another order than transformers' float32 and may pick either of two near-tied tokens (and then
+    continue differently), which an exact comparison would call a bug; a regret above float32's
+    error is one."""
+    import copy
+
+    hf64 = copy.deepcopy(hf).double()
+    ids = torch.tensor([list(prompt) + list(tokens)], device=hf.device)
+    with torch.no_grad():
+        logits = hf64(ids).logits[0, len(prompt) - 1:-1]  # [n, V]: the logits each token was chosen from
+    chosen = logits.gather(1, torch.tensor(tokens, device=hf.device)[:, None])[:, 0]
+    return (logits.max(-1).values - chosen).max().item()
