@@ -117,17 +117,27 @@ def _run(cmd, limit: float, env: dict | None) -> tuple[int | None, str]:
         out, err = p.communicate(timeout=limit)
         return p.returncode, out + err
     except subprocess.TimeoutExpired:
-        for sig, grace in ((signal.SIGINT, 5.0), (signal.SIGKILL, None)):
-            try:
-                os.killpg(p.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                out, err = p.communicate(timeout=grace)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        _signal_group(p.pid, signal.SIGINT)
+        try:
+            out, err = p.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            out, err = "", ""
+        # whatever is left of the group, whether or not the step's own process has gone (a worker
+        # ignoring SIGINT, or stuck in a CUDA call, holds the GPU and perhaps none of the pipes)
+        _signal_group(p.pid, signal.SIGKILL)
+        try:
+            more = p.communicate(timeout=10)
+            out, err = out + more[0], err + more[1]
+        except (subprocess.TimeoutExpired, ValueError):  # ValueError: the pipes were read to the end
+            pass
         return None, out + err
+
+
+def _signal_group(pgid: int, sig) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:  # the group is empty
+        pass
 
 
 def run_step(step: dict, scale: float) -> dict:

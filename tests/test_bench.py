@@ -290,17 +290,22 @@ def test_bench_check_stops_a_timed_out_step_whole_and_survives_broken_output(tmp
     bench's own error records make the step fail, never the check."""
     from bench import check
 
-    flag = tmp_path / "grandchild-survived"
-    (tmp_path / "grandchild.py").write_text(f"import time\ntime.sleep(2)\nopen({str(flag)!r}, 'w')\n")
+    flags = [tmp_path / "grandchild-survived", tmp_path / "deaf-grandchild-survived"]
+    # one grandchild shares the step's pipes; the other ignores SIGINT and holds none (a bench worker)
+    (tmp_path / "grandchild.py").write_text(
+        "import signal, sys, time\nif sys.argv[2] == 'deaf':\n    signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "time.sleep(4)\nopen(sys.argv[1], 'w')\n")
     (tmp_path / "child.py").write_text(
         "import subprocess, sys, time\nsys.stderr.write('started\\n')\nsys.stderr.flush()\n"
-        f"subprocess.Popen([sys.executable, {str(tmp_path / 'grandchild.py')!r}])\ntime.sleep(30)\n")
+        f"subprocess.Popen([sys.executable, {str(tmp_path / 'grandchild.py')!r}, {str(flags[0])!r}, 'plain'])\n"
+        f"subprocess.Popen([sys.executable, {str(tmp_path / 'grandchild.py')!r}, {str(flags[1])!r}, 'deaf'], "
+        "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\ntime.sleep(60)\n")
     child = str(tmp_path / "child.py")
-    rec = check.run_step(dict(name="t", timeout=1.0, cmd=[sys.executable, child]), 1.0)
+    rec = check.run_step(dict(name="t", timeout=2.0, cmd=[sys.executable, child]), 1.0)
     assert rec["status"] == "failed" and "timed out" in rec["detail"] and "started" in rec["output_tail"]
     import time
-    time.sleep(3)
-    assert not flag.exists(), "the step's grandchild outlived the timeout"
+    time.sleep(5)
+    assert not any(f.exists() for f in flags), "a grandchild of the step outlived its timeout"
 
     bad = tmp_path / "bad.json"
     rec = check.run_step(dict(name="j", timeout=30, json=bad, cmd=[
