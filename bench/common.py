@@ -176,9 +176,13 @@ def environment(device, dtype: torch.dtype, argv: Sequence[str]) -> dict:
                   if k.startswith("STEERFAST_") or k in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")},
     )
     if device.type == "cuda":
+        from steerfast import tuning
+
         p = torch.cuda.get_device_properties(device)
+        tuned = tuning.cache_path(tuning.device_slug(device))  # `steerfast tune`'s configs change the kernels' times
         env.update(gpu_memory_bytes=p.total_memory, gpu_capability=f"{p.major}.{p.minor}",
-                   gpu_sm_count=p.multi_processor_count)
+                   gpu_sm_count=p.multi_processor_count,
+                   tuned_configs=str(tuned) if tuned.exists() and os.environ.get(tuning.OFF_ENV) != "0" else None)
     return env
 
 

@@ -137,7 +137,7 @@ def fused_linear(x, W, *, norm_weight=None, eps=0.0, bias=None, residual=None, s
         assert input_pos is not None and input_pos.shape == (M,) and input_pos.dtype == torch.int32
         input_pos = input_pos.contiguous()
     op = "fused_linear_swiglu" if swiglu else "fused_linear"
-    tuned = reference_wins(op, x.device, M, N_out, K, x.element_size())
+    tuned = None if backend else reference_wins(op, x.device, M, N_out, K, x.element_size())
     b = _backend.choose("fused_linear", x.device, _implemented(x.dtype, M, backend, tuned), backend)
     return _fused_linear_op(x, W, norm_weight, float(eps), bias, residual, bool(swiglu), sv, si, sc, ss, sb,
                             input_pos, b)
@@ -202,7 +202,7 @@ def qkv_rope_kv_write(x, W, norm_weight, eps, bias, cos, sin, pos, rows, k_cache
     assert pos.shape == rows.shape == (M,) and pos.dtype in (torch.int32, torch.int64) and rows.dtype == torch.int64
     assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1
     assert _contig(x, W, norm_weight, bias, cos, sin, pos, rows)
-    tuned = reference_wins("qkv_rope", x.device, M, W.shape[0], K, x.element_size())
+    tuned = None if backend else reference_wins("qkv_rope", x.device, M, W.shape[0], K, x.element_size())
     b = _backend.choose("qkv_rope_kv_write", x.device, _implemented(x.dtype, M, backend, tuned), backend)
     return _qkv_rope_kv_write_op(x, W, norm_weight, float(eps), bias, cos, sin, pos, rows, k_cache, v_cache, H,
                                  Hkv, b)
@@ -237,7 +237,7 @@ def lm_head_argmax(x, W, norm_weight, eps, backend=None):
     assert W.dtype == x.dtype and _contig(x, W, norm_weight)
     assert norm_weight is None or (norm_weight.shape == (x.shape[1],) and norm_weight.dtype == x.dtype)
     M, K = x.shape
-    tuned = reference_wins("lm_head_argmax", x.device, M, W.shape[0], K, x.element_size())
+    tuned = None if backend else reference_wins("lm_head_argmax", x.device, M, W.shape[0], K, x.element_size())
     b = _backend.choose("lm_head_argmax", x.device, _implemented(x.dtype, M, backend, tuned), backend)
     return _lm_head_argmax_op(x, W, norm_weight, float(eps), b)
 

@@ -5,7 +5,9 @@ import pytest
 
 def pytest_configure(config):
     """Under pytest-xdist, each worker's torch takes its share of the cores, not all of them: eight
-    workers each running 16 threads on 16 cores spent the GPU machine's time switching threads."""
+    workers each running 16 threads on 16 cores spent the GPU machine's time switching threads.
+    Configs a user tuned on this GPU (`steerfast tune`) are not the tests' business: the table."""
+    os.environ["STEERFAST_TUNED"] = "0"
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
         import torch

@@ -36,8 +36,14 @@ def tuned_file(tmp_path, monkeypatch):
     tuning.forget()
 
 
-def _record(op, M, N, K, us, reference_us, **config):
-    return dict(op=op, weight="w", M=M, N=N, K=K, config=config, us=us, table_us=us, reference_us=reference_us)
+def _config(op, **values):
+    """A whole config of `op` (every axis; what the launchers need), with `values` set."""
+    return {k: v[0] for k, v in tuning.AXES[op].items()} | values
+
+
+def _record(op, M, N, K, us, reference_us, elt=2, **values):
+    return dict(op=op, weight="w", M=M, N=N, K=K, elt=elt, config=_config(op, **values), us=us, table_us=us,
+                reference_us=reference_us)
 
 
 def test_coordinate_search_reaches_a_separable_optimum_and_skips_what_cannot_run():
@@ -124,7 +130,7 @@ def test_tuned_configs_reach_the_launchers(tuned_file, monkeypatch):
                         _record("qkv_rope", 16, 2048, 1536, 12.0, 40.0, BLOCK_J=16, BLOCK_K=64, SPLIT_K=2,
                                 num_warps=4, num_stages=3),
                         _record("lm_head_argmax", 1, 151936, 1536, math.inf, 1.0, BLOCK_N=8, BLOCK_K=64,
-                                num_warps=4, num_stages=2)], "test-gpu", 2)
+                                num_warps=4, num_stages=2)], "test-gpu")
     assert path == tuned_file
     want = dict(BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=8, num_stages=5)
     assert FL.gpu_config(M, N, K, device=CUDA0) == want
@@ -149,7 +155,7 @@ def test_tuned_configs_reach_the_launchers(tuned_file, monkeypatch):
 
 def test_where_tuning_timed_both_the_measurement_picks_the_implementation(tuned_file, monkeypatch):
     tuning.save([_record("fused_linear", 1, 64, 64, 10.0, 5.0, BLOCK_N=16),    # cuBLAS faster at 1 row
-                 _record("fused_linear", 512, 64, 64, 10.0, 50.0, BLOCK_N=16)], "test-gpu", 2)  # fused at 512
+                 _record("fused_linear", 512, 64, 64, 10.0, 50.0, BLOCK_N=16)], "test-gpu")  # fused at 512
     wins = lambda M: tuning.reference_wins("fused_linear", CUDA0, M, 64, 64, 2)  # noqa: E731
     assert wins(1) is True and wins(400) is False and wins(16) is None
     assert _implemented(torch.bfloat16, 1, None, wins(1)) == ("torch",)
@@ -160,11 +166,27 @@ def test_where_tuning_timed_both_the_measurement_picks_the_implementation(tuned_
 
 
 def test_save_merges_and_a_broken_file_falls_back_to_the_table(tuned_file):
-    tuning.save([_record("fused_linear", 1, 64, 64, 10.0, 50.0, BLOCK_N=16)], "test-gpu", 2)
-    tuning.save([_record("fused_linear", 1, 128, 64, 10.0, 50.0, BLOCK_N=32)], "test-gpu", 2)
+    tuning.save([_record("fused_linear", 1, 64, 64, 10.0, 50.0, BLOCK_N=16)], "test-gpu")
+    tuning.save([_record("fused_linear", 1, 128, 64, 10.0, 50.0, BLOCK_N=32),
+                 _record("fused_linear", 1, 64, 64, 10.0, 50.0, elt=4, BLOCK_N=64)], "test-gpu")
     doc = json.loads(tuned_file.read_text())
-    assert doc["slug"] == "test-gpu" and len(doc["entries"]) == 2
-    assert tuning.lookup("fused_linear", CUDA0, 1, 64, 64, 2) == dict(BLOCK_N=16)
+    assert doc["slug"] == "test-gpu" and len(doc["entries"]) == 3
+    assert tuning.lookup("fused_linear", CUDA0, 1, 64, 64, 2) == _config("fused_linear", BLOCK_N=16)
+    assert tuning.lookup("fused_linear", CUDA0, 1, 64, 64, 4) == _config("fused_linear", BLOCK_N=64)
+    # entries the launchers could not take (a missing or stray key, a non-integer, no time) are dropped
+    good = doc["entries"]
+    one = next(iter(good.values()))
+    bad = {k: json.loads(json.dumps(one)) for k in ("fused_linear|M1|N8|K8|e2", "fused_linear|M1|N9|K8|e2",
+                                                    "fused_linear|M1|N10|K8|e2", "qkv_rope|M1|N8|K8|e2")}
+    bad["fused_linear|M1|N8|K8|e2"]["config"] = {k: v for k, v in _config("fused_linear").items() if k != "SPLIT_K"}
+    bad["fused_linear|M1|N9|K8|e2"]["config"] = _config("fused_linear", BLOCK_N=16.5)
+    del bad["fused_linear|M1|N10|K8|e2"]["us"]
+    tuned_file.write_text(json.dumps(dict(doc, entries=good | bad)))  # qkv_rope's: fused_linear's keys
+    tuning.forget()
+    with pytest.warns(UserWarning, match="ignoring 4 malformed"):
+        assert tuning.lookup("fused_linear", CUDA0, 1, 64, 64, 2) == _config("fused_linear", BLOCK_N=16)
+    assert tuning.lookup("fused_linear", CUDA0, 1, 8, 8, 2) is None
+    assert tuning.lookup("qkv_rope", CUDA0, 1, 8, 8, 2) is None
     # a file of another GPU model is not this one's
     tuned_file.write_text(json.dumps(dict(doc, slug="other-gpu")))
     tuning.forget()
@@ -173,6 +195,37 @@ def test_save_merges_and_a_broken_file_falls_back_to_the_table(tuned_file):
     tuning.forget()
     with pytest.warns(UserWarning, match="steerfast tune"):
         assert tuning.lookup("fused_linear", CUDA0, 1, 64, 64, 2) is None
+
+
+@pytest.mark.skipif(CPU_TRITON_SKIP is not None, reason=str(CPU_TRITON_SKIP))
+def test_the_decode_step_and_the_launchers_ask_for_the_keys_tune_writes(monkeypatch):
+    """What `tune` stores for each weight of a model (op, row bucket, N, K, element size) is what a
+    decode step's dispatch (reference_wins) and each kernel's launcher (lookup) ask for: a launcher
+    passing N for a SwiGLU's N_out, or no device, would never meet a tuned config, silently."""
+    from steerfast import fused_ops
+
+    import steerfast as sf
+    from tiny_models import random_prompts, tiny_hf
+
+    def spy(record, real):
+        return lambda *a: (record.append((a[0], tuning.row_bucket(a[2]), *a[3:])), real(*a))[1]
+
+    asked, launched = [], []
+    monkeypatch.setattr(fused_ops, "reference_wins", spy(asked, tuning.reference_wins))
+    hf = tiny_hf("qwen2", n_heads=4, n_kv_heads=2, dtype=torch.float32, attention_bias=True)
+    m = sf.load_model(hf, device="cpu", dtype=torch.float32)
+    m.generate(random_prompts([3, 4, 5]), 3, eos_token_id=None)  # decode steps of 3 rows (bucket 4)
+    a = ModelArgs.from_hf(hf.config.to_dict())
+    cases = tuning._cases(a, 4, torch.float32, torch.device("cpu"), seed=0)
+    written = {(c.op, c.M, c.N, c.K, c.elt) for c in cases}
+    assert set(asked) == written
+
+    for mod in (FL, QR):  # the launchers' GPU path (their table, then the kernel: interpreted here)
+        monkeypatch.setattr(mod, "lookup", spy(launched, tuning.lookup))
+        monkeypatch.setattr(mod, "triton_interpret", lambda: False)
+    for c in cases:
+        c.run(None)
+    assert set(launched) == written
 
 
 def test_tune_cli_refuses_what_it_cannot_measure(tmp_path):
