@@ -5,10 +5,11 @@ Without tuning, the launchers take a fixed table picked on an H200 (`kernels/fus
 `kernels/qkv_rope._config`). `steerfast tune` measures this GPU instead: for each weight of a model's
 decode step (QKV + RoPE, output, gate/up, down, lm_head + argmax) and each row count, a coordinate
 search from the table's config over blocks, warps, stages and split-K, timed with the L2 flushed (a
-decode step reads every weight from HBM), each candidate checked against the fp32 reference before
-its time counts. It also times the reference (cuBLAS plus the epilogue as separate kernels): where
-that wins, the step uses it at that row count, which is where "the step picks by M" comes from.
-The results go to one JSON file per GPU model and Triton version, read once per process.
+decode step reads every weight from HBM), each candidate checked against a float64 ground truth
+under the tests' 2x rule before its time counts. It also times the reference (cuBLAS plus the
+epilogue as separate kernels): where that wins, the step uses it at that row count, which is where
+"the step picks by M" comes from. The results go to one JSON file per GPU model, Triton version and
+kernel source (device_slug), read once per process.
 
 Why not `triton.autotune`: it benchmarks on a kernel's first call, which can land inside a CUDA
 graph capture, and it would redo so on every process start.
