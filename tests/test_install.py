@@ -2,11 +2,14 @@
 the steerfast/_C*.so an earlier install left in the source tree, and nothing else."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 _LEFTOVERS = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", "*.so", ".pytest_cache",
@@ -33,3 +36,25 @@ def test_editable_reinstall_without_cuda_removes_the_stale_extension(tmp_path):
     assert not [f for f in stale if f.exists()], "a stale steerfast/_C*.so would still import"
     assert all(f.exists() for f in kept), "only steerfast/_C*.so may be removed"
     assert "removed steerfast/_C" in r.stderr
+
+
+def test_the_repo_root_never_shadows_an_installed_kernels_package(tmp_path):
+    """From the repo root (where `python -m pytest` and `python -m bench` put it first on sys.path)
+    `import kernels` is Hugging Face's installed package, which transformers imports, never our
+    kernels/ folder; and bare `pytest` finds bench/ as `python -m pytest` does."""
+    spec = importlib.util.find_spec("kernels")
+    if spec is None or Path(spec.origin or ROOT).is_relative_to(ROOT):
+        pytest.skip("Hugging Face's `kernels` is not installed (`pip install -e .[test]` installs it)")
+    code = "import kernels, transformers.modeling_utils; print(kernels.__file__)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not Path(r.stdout.strip()).is_relative_to(ROOT), f"kernels imported from the repo: {r.stdout}"
+    probe = tmp_path / "test_probe.py"
+    probe.write_text("def test_imports():\n    import bench.common, kernels, steerfast.kernels.steer_add\n"
+                     "    assert 'site-packages' in kernels.__file__\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    pytest_bin = Path(sys.executable).with_name("pytest")
+    r = subprocess.run([str(pytest_bin), "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "--rootdir", str(ROOT),
+                        "-c", str(ROOT / "pyproject.toml"), str(probe)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
