@@ -147,15 +147,11 @@ def counted_step(m, batch: int, context: int) -> dict:
     """Kernels and bytes read of one greedy decode step of `batch` rows at `context` tokens, counted
     by steerfast.launch_count (run eagerly once on the buffers generate uses: a GPU graph replays the
     same kernels)."""
-    from steerfast.engine import bucket_for
     from steerfast.launch_count import count_launches
 
-    Bb = batch if m.eager else bucket_for(batch)
-    _, s = m._runner(Bb, 4, None, "greedy")  # generate's key for eos_token_id=None (stop lists padded to 4)
-    s.pos.fill_(context - 1), s.seq_lens.fill_(context), s.step.zero_(), s.done.zero_()
-    s.done[batch:] = True
+    step = m.eager_step(batch, context)
     with count_launches() as n:
-        m._decode_step(s, "greedy")
+        step()
     return dict(kernels=n.total, bytes_read=n.total_bytes, syncs=n.syncs, context=context,
                 bytes_by_kernel=dict(n.bytes_read.most_common()),
                 kernels_by_name=dict((n.aten + n.triton).most_common()))

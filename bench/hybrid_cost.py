@@ -4,8 +4,6 @@ and bytes counted on the buffers it ran with, and the paper's own loop timed on 
 bench/hybrid.py runs the sections; these are its measurements and arithmetic."""
 from __future__ import annotations
 
-import torch
-
 from steerfast.hybrid.reference import paper_hybrid
 
 from . import common
@@ -14,18 +12,13 @@ from . import common
 def counted_fast_step(h, batch: int, context: int) -> dict | None:
     """Kernels and bytes read of one device-side step (windows [-1]) of `batch` rows at `context`
     tokens, counted by steerfast.launch_count on the buffers generate used; None for the host loop."""
-    from steerfast.engine import bucket_for
-    from steerfast.hybrid.step import fast_step
     from steerfast.launch_count import count_launches
 
-    if not (h.fast and h.tokenizers is None and all(w == -1 for w in h.windows)):
+    step = h.eager_step(batch, context)
+    if step is None:
         return None
-    Bb = batch if h.base.eager else bucket_for(batch)
-    s, _ = h._fast_runner(Bb, 0, list(h.coefs))  # eos_token_id=None: no stop ids
-    s.pos_b.fill_(context - 1), s.pos_t.fill_(context - 1), s.step.zero_(), s.done.fill_(True)
-    s.done[:batch] = False
     with count_launches() as n:
-        fast_step(h.settings, s)
+        step()
     return dict(kernels=n.total, bytes_read=n.total_bytes, syncs=n.syncs, context=context,
                 bytes_by_kernel=dict(n.bytes_read.most_common()))
 
@@ -37,20 +30,18 @@ def counted_candidates(h, context: int, per_row: bool = False) -> dict:
     from steerfast import ops
     from steerfast.launch_count import count_launches
 
-    base = h.base
-    grid = [(c, w) for c in h.coefs for w in h.windows]
-    residual = torch.zeros(1, base.cache_len, base.args.dim, dtype=base.dtype, device=base.device)
+    run = h.eager_candidates(context)
     attention = ops.decode_attention
     if per_row:
         ops.decode_attention = lambda *a, query_blocks=None, **k: attention(*a, **k)
     try:
         with count_launches() as n:
-            h._candidates([0], [0], [context], residual, grid, 1)
+            run()
     finally:
         ops.decode_attention = attention
     attn = {k: v for k, v in n.bytes_read.items() if "attention" in k}
     return dict(kernels=n.total, bytes_read=n.total_bytes, attention_bytes=sum(attn.values()), syncs=n.syncs,
-                candidates=len(grid), context=context)
+                candidates=len(h.coefs) * len(h.windows), context=context)
 
 
 def bench_paper(hf_b, hf_t, ctl, s, cfg, bp: list[int], tp: list[int], unsteered: dict | None) -> dict:

@@ -8,6 +8,7 @@ when every row has finished (and to see whether steering drove the activations n
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -74,12 +75,28 @@ class Model:
         self.eager = self.device.type != "cuda" if eager is None else eager
         self.check_every = check_every
         self.graphs = GraphRunner(self.device, graph_backend)  # step graphs, their buffers and pool
-        self.cache_generation = 0  # counts KV-cache allocations: graphs captured against an older one are stale
+        self._cache_readers: weakref.WeakSet[GraphRunner] = weakref.WeakSet()  # see share_cache
 
     @property
     def cache_len(self) -> int:
         """Positions the KV cache holds now (0 before the first generate)."""
         return 0 if self.net.kv is None else self.net.kv.max_seq_len
+
+    @property
+    def cache_rows(self) -> int:
+        """Sequences the KV cache holds now (0 before the first generate)."""
+        return 0 if self.net.kv is None else self.net.kv.max_batch
+
+    def share_cache(self, runner: GraphRunner):
+        """Mark another owner's graphs (a Hybrid's) as reading this model's KV cache: they are
+        released with the model's own whenever the cache is replaced or freed, so no graph outlives
+        the addresses it captured and no stale pool holds memory the new cache needs."""
+        self._cache_readers.add(runner)
+
+    def _release_graphs(self):
+        self.graphs.release()
+        for runner in list(self._cache_readers):
+            runner.release()
 
     @contextmanager
     def autograd_cache(self, batch: int, seq_len: int):
@@ -95,9 +112,8 @@ class Model:
 
     def release(self):
         """Free the step graphs and the KV cache (the next generate makes them again)."""
-        self.graphs.release()
+        self._release_graphs()
         self.net.kv = None
-        self.cache_generation += 1
 
     # ------------------------------------------------------------------ checks
     def check_prompts(self, prompts, max_new_tokens: int, name: str = "prompts") -> list[list[int]]:
@@ -137,17 +153,20 @@ class Model:
         seq = min(self.max_seq_len, max(-(-seq_len // 256) * 256, kv.max_seq_len if kv else 0))
         a = self.args
         per_token = 2 * a.n_layers * a.n_kv_heads * a.head_dim * self.dtype.itemsize
+        self._release_graphs()  # graphs hold the old cache's addresses
         if self.device.type == "cuda":
-            free = torch.cuda.mem_get_info(self.device)[0] + (kv.k.numel() * 2 * kv.k.element_size() if kv else 0)
+            # the old cache and the released graphs' pools are free for the new cache; the pools'
+            # blocks stay in torch's cache (reserved, not allocated), which the driver counts as used
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            free = torch.cuda.mem_get_info(self.device)[0] + cached + (kv.k.numel() * 2 * kv.k.element_size() if kv else 0)
             budget = int(free * 0.9)  # leave room for activations and graphs
             if rows * seq * per_token > budget:
                 raise InsufficientMemoryError(
                     f"a KV cache of batch {rows} x {seq} positions needs {rows * seq * per_token / 2**30:.2f} GiB, "
                     f"{budget / 2**30:.2f} GiB is free: at this length a batch of {budget // (seq * per_token)} fits, "
                     f"at this batch {budget // (rows * per_token)} positions")
-        self.graphs.release()  # graphs hold the old cache's addresses
+        del kv  # the old cache goes before the new one is allocated, not after
         self.net.setup_cache(rows, seq)
-        self.cache_generation += 1
 
     def prefill(self, prompts: Sequence[Sequence[int]], capture_layer: int | None = None):
         """Run a ragged batch of prompts into the KV cache (rows 0..B-1), which must be large enough
@@ -204,6 +223,18 @@ class Model:
             self.graphs.capture(key, lambda: self._decode_step(s, mode), s,
                                 reset=lambda: (s.pos.zero_(), s.seq_lens.fill_(1), s.step.zero_()))
         return self.graphs.get(key)
+
+    def eager_step(self, batch: int, context: int) -> Callable[[], None]:
+        """One greedy decode step of `batch` rows at `context` tokens on the fixed buffers generate
+        uses, set up (cache, buffers, graph) and returned uncalled: calling it runs the step eagerly,
+        the kernels a replayed graph launches, for counting kernels and bytes (steerfast.launch_count,
+        bench count). The tokens it writes at position context - 1 are scratch."""
+        Bb = batch if self.eager else bucket_for(batch)
+        self.ensure_cache(Bb, context)
+        _, s = self._runner(Bb, 4, None, "greedy")  # generate's key for eos_token_id=None (stop lists padded to 4)
+        s.pos.fill_(context - 1), s.seq_lens.fill_(context), s.step.zero_(), s.done.zero_()
+        s.done[batch:] = True
+        return lambda: self._decode_step(s, "greedy")
 
     def forward_step(self, tok: torch.Tensor, pos: torch.Tensor, capture_layer: int | None = None):
         """One token per row: tok [B] int64 at positions pos [B] int32 -> (last logits [B, V], the

@@ -58,6 +58,11 @@ class GraphRunner:
         self._entries: dict[Hashable, tuple[Any, Any]] = {}
         self._pool = None  # valid exactly while self._entries is non-empty
 
+    def sibling(self) -> "GraphRunner":
+        """An empty runner on the same device and capture backend, with a pool of its own: for graphs
+        with another lifetime (a Hybrid's step graphs, which read two models' caches)."""
+        return GraphRunner(self.device, self._backend)
+
     def __len__(self) -> int:
         return len(self._entries)
 

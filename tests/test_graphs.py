@@ -185,3 +185,25 @@ def test_two_hybrids_over_one_pair_recapture_and_equal_eager(gate, windows, seed
     del h1, h2, h
     gc.collect()
     assert len(backend.alloc.live_pools) == sum(len(m.graphs) > 0 for m in (gb, gt))  # the models' own
+
+
+@pytest.mark.parametrize("grown", ["base", "thinking"])
+def test_a_cache_replaced_by_another_user_releases_the_hybrids_graphs_at_once(grown, seed):
+    """The fast step's graphs read both models' caches: whoever replaces either cache (here the
+    model's own generate at a larger batch) releases them then, so no stale pool keeps its memory
+    until the hybrid's next generate, and that generate recaptures and still equals eager."""
+    backend = EagerBackend()
+    (gb, gt), (eb, et), (sae, vectors, bias) = _hybrid_pair(backend)
+    kw = dict(sae_layer=1, steer_layer=1, coefs=[0.5, 2.0], windows=[-1], gate="thinking")
+    h, ref = sf.Hybrid(gb, gt, sae, vectors, bias, **kw), sf.Hybrid(eb, et, sae, vectors, bias, **kw)
+    bp, tp = random_prompts([4], VOCAB), random_prompts([6], VOCAB)
+    h.generate(bp, tp, max_new_tokens=6, eos_token_id=None)
+    assert len(h.graphs)
+    m = gb if grown == "base" else gt
+    rows = m.cache_rows
+    m.generate(random_prompts([5] * (rows + 1), VOCAB), max_new_tokens=3, eos_token_id=None)
+    assert m.cache_rows > rows and not len(h.graphs)
+    gc.collect()
+    assert len(backend.alloc.live_pools) == 1  # m's own step graphs
+    got, want = (x.generate(bp, tp, max_new_tokens=6, eos_token_id=None) for x in (h, ref))
+    assert (got.tokens, got.steered, got.coef) == (want.tokens, want.steered, want.coef)

@@ -27,7 +27,6 @@ import torch
 from .. import ops
 from ..engine import Model, bucket_for
 from ..errors import InvalidInputError, LayerIndexError, NonFiniteError, ShapeMismatchError
-from ..graphs import GraphRunner
 from ..model import Capture, Context
 from ..sae import TopKSAE
 from .result import HybridResult
@@ -116,9 +115,10 @@ class Hybrid:
                                      self.cat_coef, self.vectors, self.bias, sae_layer, steer_layer, gate,
                                      side_stream(base.device, thinking.device))
         # the fast step's graphs read both models' caches: captured by this hybrid's own runner (and
-        # pool), released when either cache is replaced
-        self.graphs = GraphRunner(base.device, base.graphs._backend)
-        self._caches = None
+        # pool), released by either model when its cache is replaced
+        self.graphs = base.graphs.sibling()
+        base.share_cache(self.graphs)
+        thinking.share_cache(self.graphs)
 
     # ------------------------------------------------------------------ helpers
     def _retokenize(self, tok: int) -> list[int]:
@@ -153,7 +153,7 @@ class Hybrid:
         before any of them attends, so position p sees the window's own keys up to p (causal) and
         its sequence's unsteered prefix before the window in place (Context.prefix_rows)."""
         net, dev, la = self.base.net, self.base.device, self.steer_layer + 1
-        plan = _pack_candidates(rows, cats, L, grid, B, min(self.scratch_rows, net.kv.max_batch - B),
+        plan = _pack_candidates(rows, cats, L, grid, B, min(self.scratch_rows, self.base.cache_rows - B),
                                 self.max_packed_tokens)
         coefs = torch.tensor([c for c, _ in grid], dtype=torch.float32, device=dev)
         out = torch.empty(len(rows) * len(grid), dtype=torch.int64, device=dev)
@@ -187,6 +187,27 @@ class Hybrid:
             self.graphs.capture(key, lambda: fast_step(self.settings, s), s, reset=reset)
         graph, s = self.graphs.get(key)
         return s, graph
+
+    def eager_step(self, batch: int, context: int) -> Callable[[], None] | None:
+        """The device-side step (windows [-1], one vocabulary) of `batch` rows at `context` tokens on
+        the buffers generate uses, set up and returned uncalled (None for the host loop): calling it
+        runs the step eagerly, the kernels a replayed graph launches, for counting (bench count).
+        The caches must hold `context` positions (after a generate)."""
+        if not (self.fast and self.tokenizers is None and all(w == -1 for w in self.windows)):
+            return None
+        Bb = batch if self.base.eager else bucket_for(batch)
+        s, _ = self._fast_runner(Bb, 0, list(self.coefs))  # eos_token_id=None: no stop ids
+        s.pos_b.fill_(context - 1), s.pos_t.fill_(context - 1), s.step.zero_(), s.done.fill_(True)
+        s.done[:batch] = False
+        return lambda: fast_step(self.settings, s)
+
+    def eager_candidates(self, context: int) -> Callable[[], torch.Tensor]:
+        """One steered row's candidate re-runs (every coefficient x window), the host loop's packed
+        batch at `context` tokens over a zero residual, returned uncalled, for counting (bench count)."""
+        base = self.base
+        grid = [(c, w) for c in self.coefs for w in self.windows]
+        residual = torch.zeros(1, base.cache_len, base.args.dim, dtype=base.dtype, device=base.device)
+        return lambda: self._candidates([0], [0], [context], residual, grid, 1)
 
     def _run_fast(self, run: "_Run", res: HybridResult, toks: list[int], start: int, callback, check_every=16):
         """Generate tokens start .. max_new_tokens-1 with the device-side step; record them in res."""
@@ -236,10 +257,6 @@ class Hybrid:
         rows = Bb * (1 + len(grid)) if run.fast else max(Bb, B + min(self.scratch_rows, B * len(grid)))
         base.ensure_cache(rows, max(run.Lb) + max_new_tokens)
         think.ensure_cache(Bb, think.max_seq_len if self.tokenizers else max(run.Lt) + max_new_tokens)
-        caches = (base.cache_generation, think.cache_generation)
-        if caches != self._caches:
-            self.graphs.release()  # captured against the old caches
-            self._caches = caches
         if run.fast:  # captured before the prefill: the dummy step's writes at position 0 get overwritten
             run.state, run.graph = self._fast_runner(Bb, len(run.eos), [c for c, _ in grid])
         run.residual = torch.empty(B, base.cache_len, base.args.dim, dtype=base.dtype, device=base.device)
