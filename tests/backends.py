@@ -26,11 +26,19 @@ TRITON_SKIP = _triton_skip_reason()
 CPU_TRITON_SKIP = TRITON_SKIP or (None if INTERPRET else "Triton kernels on CPU tensors need TRITON_INTERPRET=1")
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
 
-BACKENDS = [
-    "torch",
-    pytest.param("triton", marks=pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))),
-    pytest.param("cuda", marks=GPU),
-]
+# on a GPU machine the Triton kernels run compiled for it: GPU tests too (`-m gpu`, bench check)
+TRITON_MARKS = [pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP)),
+                *([pytest.mark.gpu] if HAS_CUDA else [])]
+TRITON = pytest.param("triton", marks=TRITON_MARKS)
+
+
+def triton_only(test):
+    """A test of the Triton kernels alone, on DEVICE's tensors."""
+    for mark in TRITON_MARKS:
+        test = mark(test)
+    return test
+
+BACKENDS = ["torch", TRITON, pytest.param("cuda", marks=GPU)]
 
 # (dtype, atol, rtol) for assert_close against the float64 reference; FLOOR is the 2x rule's floor
 DTYPES = [

@@ -323,6 +323,29 @@ def test_bench_check_stops_a_timed_out_step_whole_and_survives_broken_output(tmp
     assert f["error"] == "OutOfResources: shared" and "weight=down" in f["test"] and "results.gemv" in f["test"]
 
 
+def test_bench_check_keeps_to_its_budget_and_reports_in_one_table(monkeypatch):
+    """The whole check has one budget: a step gets its own limit or what is left less the time a
+    stop can take, and is not started with too little left; every step, its failures and the
+    headlines go in one table."""
+    from bench import check
+
+    monkeypatch.setattr(check, "KILL_GRACE_S", 0.5)
+    monkeypatch.setattr(check, "MIN_STEP_S", 1.0)
+    py = [sys.executable, "-c"]
+    todo = [dict(name="fails", timeout=30, cmd=py + ["raise SystemExit(3)"]),
+            dict(name="slow", timeout=30, cmd=py + ["import time; time.sleep(30)"]),  # cut to what is left
+            dict(name="late", timeout=30, cmd=py + ["pass"])]
+    saves = []
+    results = check.run_steps(todo, 4.0, 1.0, [], lambda: saves.append(1))
+    assert [r["status"] for r in results] == ["failed", "failed", "not run"] and len(saves) == 3
+    assert results[1]["wall_s"] < 6 and "timed out after" in results[1]["detail"]
+    results[0]["failures"] = [dict(test="tests/test_x.py::test_bad", error="AssertionError: broke")]
+    rows = check.summary_rows(results, [dict(what="decode tiny batch 1", value="9 tok/s, 1.0% of floor")])
+    assert [(r["check"].strip(), r["status"]) for r in rows] == [
+        ("fails", "failed"), ("tests/test_x.py::test_bad", "FAILED"), ("slow", "failed"), ("late", "not run"),
+        ("decode tiny batch 1", "measured")]
+
+
 def test_candidate_flops_counts_the_packed_reruns_matmuls(monkeypatch):
     """bench.hybrid_cost.candidate_flops against Hybrid's packed candidate re-run (float64: the torch
     references): its matmul FLOPs equal those of every F.linear the re-run calls; attention is added

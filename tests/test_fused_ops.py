@@ -14,12 +14,9 @@ import torch
 
 import steerfast.fused_ops as fo
 
-from backends import DEVICE, DTYPES, FLOOR, TRITON_SKIP, check_2x
+from backends import DEVICE, DTYPES, FLOOR, TRITON, check_2x, triton_only
 
-BACKENDS = [
-    "torch",
-    pytest.param("triton", marks=pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))),
-]
+BACKENDS = ["torch", TRITON]
 I32 = dict(device=DEVICE, dtype=torch.int32)
 I64 = dict(device=DEVICE, dtype=torch.int64)
 
@@ -276,7 +273,7 @@ def _guarded(shape, dtype, fill, pad=1024):
     return view
 
 
-@pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
+@triton_only
 @pytest.mark.parametrize("M, dtype_tol", [  # 4 of 16 padded rows, one full 32-row block, two row blocks
     pytest.param(M, dt.values[0], id=f"M{M}-{dt.id}")  # fp32: the table's BLOCK_K halved
     for M, dt in ((4, DTYPES[0]), (4, DTYPES[2]), (32, DTYPES[0]), (32, DTYPES[2]), (70, DTYPES[2]))])
@@ -356,7 +353,7 @@ def test_the_automatic_choice_leaves_gemm_shapes_to_the_reference(monkeypatch):
     assert _implemented(torch.float32, 4096) == ("triton", "torch")
 
 
-@pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
+@triton_only
 @pytest.mark.parametrize("M, split", [(1, 2), (5, 3), (70, 4)])
 @pytest.mark.parametrize("dtype_tol", [DTYPES[0], DTYPES[2]])
 def test_split_k_fused_linear(M, split, dtype_tol, seed):
@@ -406,7 +403,7 @@ def test_split_k_choice():
     assert split_k_for(10, 4096, 128, 132, mode="64") == 16
 
 
-@pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
+@triton_only
 @pytest.mark.parametrize("M, split", [(1, 2), (5, 3)])
 @pytest.mark.parametrize("dtype_tol", [DTYPES[0], DTYPES[2]])
 def test_split_k_qkv_rope(M, split, dtype_tol, seed):

@@ -24,7 +24,7 @@ import steerfast.ops as ops
 from steerfast import backend as _backend
 from steerfast.errors import BackendUnavailableError
 
-from backends import BACKENDS, DEVICE, DTYPES, FLOOR, GPU as _gpu, HAS_CUDA, TRITON_SKIP, check_2x
+from backends import BACKENDS, DEVICE, DTYPES, FLOOR, GPU as _gpu, HAS_CUDA, TRITON_SKIP, check_2x, triton_only
 
 
 
@@ -204,7 +204,7 @@ def test_decode_attention_over_packed_windows(shape, dtype_tol, backend, seed):
     check_2x(out, ref, base, atol, rtol, FLOOR[dtype], f"windowed decode_attention[{backend}] seed={seed}")
 
 
-@pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
+@triton_only
 @pytest.mark.parametrize("num_splits", [1, 2, 5, 64])
 def test_decode_attention_triton_splits(num_splits, seed):
     """The launcher's split count (chosen from shapes and the GPU otherwise), each path: one program
@@ -220,7 +220,7 @@ def test_decode_attention_triton_splits(num_splits, seed):
     check_2x(out, ref, base, 1e-5, 1e-5, FLOOR[torch.float32], f"num_splits={num_splits} seed={seed}")
 
 
-@pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
+@triton_only
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_decode_attention_triton_empty_row_is_zero(num_splits):
     """seq_lens >= 1 is a precondition; a row of length 0 still gets zeros (flash-attn's answer),
@@ -350,7 +350,7 @@ def _small_inputs():
     return (q, k, v, sl), (h, pos, start, vectors, idx, coef, bias)
 
 
-@pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
+@triton_only
 def test_env_var_selects_triton(monkeypatch):
     import steerfast.kernels.decode_attention as k_attn
     import steerfast.kernels.steer_add as k_steer

@@ -29,7 +29,7 @@ import torch
 import steerfast.ops as ops
 from steerfast import backend as _backend
 
-from backends import BACKENDS, DEVICE, DTYPES as STEER_DTYPES, FLOOR, GPU as _gpu, TRITON_SKIP
+from backends import BACKENDS, DEVICE, DTYPES as STEER_DTYPES, FLOOR, GPU as _gpu, TRITON_SKIP, triton_only
 
 # SAE ops: (dtype, atol, rtol) against float64; all compute in fp32, so fp32-level for every dtype
 # (16-bit inputs get a little room for tensor-core fp32 accumulation and a split x - b_dec)
@@ -178,7 +178,7 @@ def test_topk_sae_encode(shape, dtype_tol, backend, seed):
     assert sure[nonzero].float().mean() > 0.3, f"{what}: too few positions well separated to check indices"
 
 
-@pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
+@triton_only
 def test_topk_sae_encode_triton_n131072(seed):
     """The widest SAE through Triton on the CPU too: 1024 chunks of the GEMV form, merged."""
     _run_topk("triton", torch.float32, (1, 64, 131072, 3, False), 1e-5, 1e-5, seed)

@@ -7,7 +7,7 @@ import torch
 
 from steerfast import sampling
 
-from backends import BACKENDS, DEVICE, TRITON_SKIP
+from backends import BACKENDS, DEVICE, TRITON_SKIP, triton_only
 
 
 def nucleus_by_definition(x: torch.Tensor, top_k, top_p) -> torch.Tensor:
@@ -93,7 +93,7 @@ def test_sample_takes_the_noisiest_kept_token(V, ties, dtype, backend, seed):
         assert (tok == want).float().mean() > 0.9
 
 
-@pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
+@triton_only
 @pytest.mark.parametrize("cap", [1, 40, None], ids=["overflow", "some-fit", "default"])
 def test_kernel_candidate_slots(cap, seed):
     """The kernel's candidate slots: rows whose possible nucleus (tokens at least (1 - top_p) / (2 V)
@@ -127,7 +127,7 @@ def order_key(x: torch.Tensor) -> torch.Tensor:
     return torch.where(bits >= 2**31, 0xFFFFFFFF - bits, bits + 2**31)
 
 
-@pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
+@triton_only
 @pytest.mark.parametrize("cap", [3, None], ids=["slots-overflow", "default-slots"])
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
 @pytest.mark.parametrize("V", [5, 431, 3001])
