@@ -52,6 +52,82 @@ def error_record(e: BaseException) -> dict:
     return dict(error=f"{type(e).__name__}: {e}".strip(), traceback=traceback.format_exc(limit=12))
 
 
+# ---------------------------------------------------------------- cases that survive a lost context
+def add_case_arguments(p) -> None:
+    import argparse
+
+    p.add_argument("--resume", type=int, default=0, help=argparse.SUPPRESS)  # skip cases before this one
+    p.add_argument("--fault-case", type=int, default=None, help=argparse.SUPPRESS)  # tests: this case faults
+
+
+def context_lost(device) -> str | None:
+    """After an exception: None if this process can still use `device`, else the error. A kernel
+    fault (an illegal address, a device-side assert) is sticky: every later CUDA call fails with it."""
+    if torch.device(device).type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+        torch.zeros(1, device=device).add_(1).item()
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+class Cases:
+    """A bench's cases, numbered in the order it runs them. After a case's error that lost the CUDA
+    context, no later case runs here: `rest_in_fresh_process` runs them from the next number in a
+    new process of the same command (`--resume`), so an earlier case cannot break a later one even
+    then. `--fault-case N` makes case N fail as a lost context would (the tests' way to get one)."""
+
+    def __init__(self, args, device):
+        self.args, self.device = args, device
+        self.n, self.lost_at = 0, None
+
+    def runs_any(self, count: int) -> bool:
+        """Whether any of the next `count` cases runs here (so what they share must be built); when
+        none does, they are counted as passed over."""
+        if self.lost_at is None and self.n + count > self.args.resume:
+            return True
+        self.n += count
+        return False
+
+    def start(self) -> bool:
+        """Count the next case; True if it runs in this process."""
+        i, self.n = self.n, self.n + 1
+        return i >= self.args.resume and self.lost_at is None
+
+    def inject(self) -> None:
+        """Inside the case: the --fault-case fault, a lost context's stand-in."""
+        if self.n - 1 == self.args.fault_case:
+            self.lost_at = self.n - 1
+            raise RuntimeError(f"injected fault in case {self.n - 1} (--fault-case): the CUDA context is lost")
+
+    def failed(self) -> None:
+        """After a case's error: stop here if the context is lost."""
+        if self.lost_at is None and context_lost(self.device) is not None:
+            self.lost_at = self.n - 1
+
+    def rest_in_fresh_process(self) -> dict | None:
+        """The JSON of a new process running the cases after the lost one, or None (nothing lost,
+        nothing left, or the process wrote nothing: then its error is the record)."""
+        if self.lost_at is None or self.lost_at + 1 >= self.n:
+            return None
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="bench-resume-") as d:
+            out = Path(d) / "rest.json"
+            argv = list(getattr(self.args, "argv", []))
+            cmd = [sys.executable, "-m", "bench", *argv, "--resume", str(self.lost_at + 1), "--out", str(out)]
+            print(f"\nthe CUDA context is lost (case {self.lost_at}): cases {self.lost_at + 1}.. run in a fresh "
+                  "process", flush=True)
+            r = subprocess.run(cmd, cwd=REPO_ROOT)
+            try:
+                return json.loads(out.read_text())
+            except (OSError, ValueError):
+                return dict(error=f"the fresh process for cases {self.lost_at + 1}.. wrote no result "
+                                  f"(exit {r.returncode})")
+
+
 # ---------------------------------------------------------------- timing
 def sync(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":

@@ -18,6 +18,10 @@ For each model x batch, on the same random prompts (every row `--prompt-len` tok
               '% floor' is steerfast tokens/s over it; '% floor decode' leaves the prefill out
               (the timed run's wall time less the callback run's prefill time).
 
+Each case (model x batch x variant) starts from fresh caches and graphs; one that fails is
+recorded with its traceback and the rest still run, in a fresh process when the failure lost the
+CUDA context (a kernel fault is sticky; common.Cases).
+
 On a GPU, from the repository root:  python -m bench decode   (writes bench/out/decode.json)
 """
 from __future__ import annotations
@@ -71,6 +75,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
     p.add_argument("--copy-mib", type=int, default=None,
                    help="size of the bandwidth-measuring copy (default 1024 on CUDA, 256 on CPU)")
+    common.add_case_arguments(p)
     p.add_argument("--out", default=str(common.REPO_ROOT / "bench" / "out" / "decode.json"),
                    help="JSON output path (default bench/out/decode.json)")
 
@@ -289,27 +294,45 @@ def run(args) -> int:
                copy_bandwidth=bw, notes=NOTES, models={}, results=[])
     bar = progress.bar(total=len(models) * len(batches) * len(args.variants), desc="bench decode", unit="case",
                        leave=False)
+    cases = common.Cases(args, device)
     for name in models:
-        t0 = time.perf_counter()
-        hf = random_hf_model(name, device, dtype, seed=args.seed)
-        m = sf.load_model(hf, device=device, dtype=dtype, max_seq_len=P + max(N, H))
-        common.sync(device)
-        doc["models"][name] = dict(build_s=time.perf_counter() - t0, model_args=dataclasses.asdict(m.args))
-        print(f"\n{name}: built in {doc['models'][name]['build_s']:.1f} s ({m.args.n_layers} layers, "
-              f"dim {m.args.dim}, CUDA graphs {'off' if m.eager else 'on'})", flush=True)
+        if not cases.runs_any(len(batches) * len(args.variants)):
+            continue
+        try:
+            t0 = time.perf_counter()
+            hf = random_hf_model(name, device, dtype, seed=args.seed)
+            m = sf.load_model(hf, device=device, dtype=dtype, max_seq_len=P + max(N, H))
+            common.sync(device)
+        except Exception as e:  # noqa: BLE001 -- every case of this model records it; the others still run
+            hf = m = None
+            built = common.error_record(e)
+            print(f"\n{name}: ERROR building it: {built['error']}", flush=True)
+            cases.failed()
+        else:
+            built = None
+            doc["models"][name] = dict(build_s=time.perf_counter() - t0, model_args=dataclasses.asdict(m.args))
+            print(f"\n{name}: built in {doc['models'][name]['build_s']:.1f} s ({m.args.n_layers} layers, "
+                  f"dim {m.args.dim}, CUDA graphs {'off' if m.eager else 'on'})", flush=True)
         for batch in batches:
             for variant in args.variants:
+                if not cases.start():
+                    continue
+                if built is not None:
+                    doc["results"].append(dict(model=name, batch=batch, variant=variant, **built))
+                    continue
                 m.release()  # each case starts from fresh caches and graphs: an earlier one cannot break it
                 common.free_memory(device)
                 saved = {k: os.environ.get(k) for k in ("STEERFAST_PDL", "STEERFAST_SPLIT_K")}
                 os.environ.update(VARIANTS[variant])
                 try:
+                    cases.inject()
                     hf_cmp = None if args.no_hf or variant in SAMPLING else hf  # HF's is greedy
                     r = dict(bench_one(m, hf_cmp, name, batch, args, P, N, H, bw, device, SAMPLING.get(variant)),
                              variant=variant)
                 except Exception as e:  # noqa: BLE001 -- an unattended run records the failure and goes on
                     r = dict(model=name, batch=batch, variant=variant, **common.error_record(e))
                     print(f"  batch {batch} {variant}: ERROR {r['error']}", flush=True)
+                    cases.failed()
                 else:
                     row = table_row(r)
                     print(f"  batch {batch}: " + ", ".join(f"{h} {common.fmt(row[k])}" for k, h in COLUMNS[2:]),
@@ -317,12 +340,19 @@ def run(args) -> int:
                 finally:
                     for k, v in saved.items():
                         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-                    m.release()  # graphs captured under this variant's kernels
+                    if cases.lost_at is None:
+                        m.release()  # graphs captured under this variant's kernels
                 doc["results"].append(r)
                 common.write_json(args.out, doc)  # after every result: a crash later loses nothing
                 bar.update()
         del hf, m
-        common.free_memory(device)
+        if cases.lost_at is None:
+            common.free_memory(device)
+    rest = cases.rest_in_fresh_process()
+    if rest is not None:
+        doc["models"].update(rest.get("models", {}))
+        doc["results"] += rest.get("results", [dict(model="(the rest)", **rest)])
+        common.write_json(args.out, doc)
 
     bar.close()
     print()

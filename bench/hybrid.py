@@ -53,8 +53,10 @@ each context, steerfast at batch 1 on the same prompts.
 Targets (printed ok/MISS on CUDA only, at the synthetic gate): config a >= 50% of its floor at batch 1
 and >= 40% at 16; config b >= 40% at batches 1 and 16 and >= 20x the paper's loop at context 200.
 
-Robust unattended: every configuration in its own try/except, errors recorded in the JSON (written
-after every result), exit status 1 on any error; device memory freed between sections.
+Robust unattended: every case in its own try/except from fresh caches and graphs, errors recorded
+with their tracebacks in the JSON (written after every result), exit status 1 on any error. A
+failure that lost the CUDA context (a kernel fault is sticky) leaves the later cases to a fresh
+process of the same command, merged into the same JSON (common.Cases).
 
 On a GPU, from the repository root:  python -m bench hybrid   (writes bench/out/hybrid.json)
 """
@@ -172,6 +174,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="base model seed; the thinking model gets seed + 1")
     p.add_argument("--copy-mib", type=int, default=None, help=f"copy-bandwidth buffer, MiB ({d('copy_mib')})")
     p.add_argument("--cpu-threads", type=int, default=1, help="torch.set_num_threads on CPU (default 1)")
+    common.add_case_arguments(p)
     p.add_argument("--out", default=str(common.REPO_ROOT / "bench" / "out" / "hybrid.json"),
                    help="JSON output path (default bench/out/hybrid.json)")
 
@@ -330,6 +333,7 @@ class _Sections:
     ctl: tuple  # (sae, vectors, bias)
     record: object  # record(rec, label): append a result, print it, save the JSON
     save: object
+    cases: common.Cases
 
 
 def section_steerfast(run: _Sections, base, think) -> None:
@@ -343,10 +347,14 @@ def section_steerfast(run: _Sections, base, think) -> None:
     for cfg_name, cfg in s["configs"].items():
         for B in s["batches"]:
             for gate in run.gates:
+                bar.update()
+                if not run.cases.start():
+                    continue
                 key = dict(impl="steerfast", config=cfg_name, batch=B, gate=gate_name(gate),
                            grid_size=len(cfg["coefs"]) * len(cfg["windows"]), new_tokens=s["new_tokens"])
                 h = None
                 try:
+                    run.cases.inject()
                     sae, vectors, bias = run.ctl
                     h = sf.Hybrid(base, think, sae, vectors, bias, sae_layer=s["sae_layer"],
                                   steer_layer=s["steer_layer"], coefs=cfg["coefs"], windows=cfg["windows"], gate=gate)
@@ -356,23 +364,28 @@ def section_steerfast(run: _Sections, base, think) -> None:
                                                             + s["new_tokens"] // 2)
                 except Exception as e:  # noqa: BLE001 -- an unattended run records the failure and goes on
                     rec = dict(key, **common.error_record(e))
+                    run.cases.failed()
                 finally:  # each case starts from fresh caches and graphs: an earlier one cannot break it
                     h = None
-                    for m in (base, think):
-                        m.release()
-                    common.free_memory(run.device)
+                    if run.cases.lost_at is None:
+                        for m in (base, think):
+                            m.release()
+                        common.free_memory(run.device)
                 run.record(rec, f"config {cfg_name} batch {B} gate {gate_name(gate)}")
-                bar.update()
     bar.close()
 
 
 def section_floor(run: _Sections, base, think, bw: dict, peak: dict) -> None:
     run.doc["matmul_peak"] = peak
     for B in run.s["batches"]:
+        if not run.cases.start():
+            continue
         try:
+            run.cases.inject()
             run.doc["floor"].append(bench_floor(base, think, run.s, B, bw, peak))
         except Exception as e:  # noqa: BLE001
             run.doc["floor"].append(dict(batch=B, **common.error_record(e)))
+            run.cases.failed()
     run.save()
 
 
@@ -381,8 +394,9 @@ def section_naive(run: _Sections, hf_b, hf_t) -> None:
     s = run.s
     print("\n[naive: transformers hybrid, KV cache, one full re-run per candidate]", flush=True)
     try:  # warm-up: CUDA context, cuBLAS, HF's first-call work
-        naive_hybrid(hf_b, hf_t, *run.ctl, s["sae_layer"], s["steer_layer"], [1.0], [-1],
-                     run.prompts[s["batches"][0]][0][:1], run.prompts[s["batches"][0]][1][:1], 2)
+        if run.cases.lost_at is None:
+            naive_hybrid(hf_b, hf_t, *run.ctl, s["sae_layer"], s["steer_layer"], [1.0], [-1],
+                         run.prompts[s["batches"][0]][0][:1], run.prompts[s["batches"][0]][1][:1], 2)
     except Exception as e:  # noqa: BLE001 -- the timed runs will record the error
         print(f"  warm-up failed: {type(e).__name__}: {e}")
     bar = progress.bar(total=len(s["configs"]) * len(s["batches"]) * len(run.gates), desc="naive hybrid",
@@ -391,13 +405,18 @@ def section_naive(run: _Sections, hf_b, hf_t) -> None:
         for B in s["batches"]:
             for gate in run.gates:
                 bar.update()
+                if not run.cases.start():
+                    continue
                 key = dict(impl="naive", config=cfg_name, batch=B, gate=gate_name(gate),
                            grid_size=len(cfg["coefs"]) * len(cfg["windows"]))
                 try:
+                    run.cases.inject()
                     rec = dict(key, **bench_naive(hf_b, hf_t, run.ctl, s, cfg, *run.prompts[B], gate, run.device))
                 except Exception as e:  # noqa: BLE001
                     rec = dict(key, **common.error_record(e))
-                common.free_memory(run.device)
+                    run.cases.failed()
+                if run.cases.lost_at is None:
+                    common.free_memory(run.device)
                 run.record(rec, f"config {cfg_name} batch {B} gate {gate_name(gate)}")
 
 
@@ -410,7 +429,8 @@ def section_paper(run: _Sections, base, think, hf_b, hf_t) -> None:
     s = run.s
     print("\n[paper: steerfast.hybrid.reference.paper_hybrid (no KV cache) vs steerfast, batch 1]", flush=True)
     try:
-        paper_hybrid(hf_b, hf_t, *run.ctl, s["sae_layer"], s["steer_layer"], [1.0], [-1], [1, 2], [1, 2], 1)  # warm-up
+        if run.cases.lost_at is None:
+            paper_hybrid(hf_b, hf_t, *run.ctl, s["sae_layer"], s["steer_layer"], [1.0], [-1], [1, 2], [1, 2], 1)  # warm-up
     except Exception as e:  # noqa: BLE001
         print(f"  warm-up failed: {type(e).__name__}: {e}")
     V = base.args.vocab_size
@@ -418,9 +438,12 @@ def section_paper(run: _Sections, base, think, hf_b, hf_t) -> None:
         bp, tp = make_prompts(1, C, V, 7000 + C)[0], make_prompts(1, C, V, 8000 + C)[0]
         unsteered = None
         for cfg_name, cfg in s["configs"].items():
+            if not run.cases.start():
+                continue
             key = dict(config=cfg_name, context=C)
             h = None
             try:
+                run.cases.inject()
                 sae, vectors, bias = run.ctl
                 h = sf.Hybrid(base, think, sae, vectors, bias, sae_layer=s["sae_layer"], steer_layer=s["steer_layer"],
                               coefs=cfg["coefs"], windows=cfg["windows"], gate=s["rate"])
@@ -428,12 +451,16 @@ def section_paper(run: _Sections, base, think, hf_b, hf_t) -> None:
                            **bench_steerfast(h, [bp], [tp], s["context_new_tokens"], s["warmup_tokens"], run.device))
             except Exception as e:  # noqa: BLE001
                 rec = dict(key, impl="steerfast-context", batch=1, gate=gate_name(s["rate"]), **common.error_record(e))
+                run.cases.failed()
             finally:
                 h = None
-                for m in (base, think):
-                    m.release()
-                common.free_memory(run.device)
+                if run.cases.lost_at is None:
+                    for m in (base, think):
+                        m.release()
+                    common.free_memory(run.device)
             run.record(rec, f"steerfast config {cfg_name} context {C}")
+            if run.cases.lost_at is not None:
+                continue
             try:
                 p = dict(key, **bench_paper(hf_b, hf_t, run.ctl, s, cfg, bp, tp, unsteered))
                 unsteered = p["unsteered"]
@@ -444,8 +471,10 @@ def section_paper(run: _Sections, base, think, hf_b, hf_t) -> None:
             except Exception as e:  # noqa: BLE001
                 p = dict(key, **common.error_record(e))
                 print(f"  paper config {cfg_name} context {C}: ERROR {p['error']}", flush=True)
+                run.cases.failed()
             run.doc["paper"].append(p)
-            common.free_memory(run.device)
+            if run.cases.lost_at is None:
+                common.free_memory(run.device)
             run.save()
 
 
@@ -511,19 +540,28 @@ def run(args) -> int:
                   + (" (truncated)" if rec.get("truncated") else ""), flush=True)
         save()
 
-    run = _Sections(doc, s, device, prompts, [s["rate"] if g == "rate" else g for g in s["gates"]], ctl, record, save)
+    run = _Sections(doc, s, device, prompts, [s["rate"] if g == "rate" else g for g in s["gates"]], ctl, record, save,
+                    common.Cases(args, device))
     if "steerfast" in s["sections"]:
         section_steerfast(run, base, think)
     if "floor" in s["sections"]:
-        section_floor(run, base, think, bw, common.matmul_peak(device, dtype))
+        section_floor(run, base, think, bw, common.matmul_peak(device, dtype) if run.cases.lost_at is None else None)
     if "paper" in s["sections"]:
         section_paper(run, base, think, hf_b, hf_t)
     del base, think
-    common.free_memory(device)
+    if run.cases.lost_at is None:
+        common.free_memory(device)
     if "naive" in s["sections"]:
         section_naive(run, hf_b, hf_t)
     del hf_b, hf_t
-    common.free_memory(device)
+    rest = run.cases.rest_in_fresh_process()
+    if rest is not None:
+        for k in ("results", "paper", "floor", "errors"):
+            doc[k] += rest.get(k, [])
+        if "error" in rest:
+            doc["errors"].append(dict(section="resume", **rest))
+    elif run.cases.lost_at is None:
+        common.free_memory(device)
 
     save()
     print()

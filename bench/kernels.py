@@ -373,18 +373,6 @@ def sae_inputs(batch: int, d: int, n: int, dtype, device, seed: int):
 
 
 # ---------------------------------------------------------------- sections (worker side)
-def dead_cuda_context(device) -> str | None:
-    """After an exception: None if the device still works, else the error (sticky: a faulting kernel)."""
-    if torch.device(device).type != "cuda":
-        return None
-    try:
-        torch.cuda.synchronize(device)
-        torch.zeros(1, device=device).add_(1).item()
-    except Exception as e:  # noqa: BLE001
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
 def err_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}".strip()
 
@@ -456,6 +444,8 @@ def measure_steer(cases: list[dict], s: dict, device, dtype, emit) -> None:
         B = case["batch"]
         rec = dict(case, backend="default", prompt_len=P, new_tokens=N, layer=layer, coef=s["steer_coef"],
                    cuda_graphs=not m.eager, model_build_s=build_s)
+        m.release()  # each case from fresh caches and graphs: an earlier one cannot break it
+        common.free_memory(device)
         try:
             prompts = torch.randint(0, a.vocab_size, (B, P), generator=g).tolist()
             kw = dict(max_new_tokens=N, eos_token_id=None)
@@ -481,7 +471,7 @@ def measure_steer(cases: list[dict], s: dict, device, dtype, emit) -> None:
             rec["traceback"] = traceback.format_exc(limit=8)
             common.free_memory(device)
         emit(rec)
-        dead = dead_cuda_context(device) if "error" in rec else None
+        dead = common.context_lost(device) if "error" in rec else None
         if dead:
             raise RuntimeError(f"CUDA context lost: {dead}")
 
@@ -526,7 +516,7 @@ def run_section(section: str, backend: str, s: dict, device, emit) -> None:
             rec["error"] = err_text(e)
             rec["traceback"] = traceback.format_exc(limit=8)
             common.free_memory(device)
-            lost = dead_cuda_context(device)
+            lost = common.context_lost(device)
         emit(rec)
 
 

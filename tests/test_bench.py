@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -246,6 +248,29 @@ def test_bench_hybrid_cpu_smoke(tmp_path):
     floor = {(r["config"], r["batch"], r["gate"]): r["floor_tok_s"] for r in d["summary"]}
     assert floor[("b", 1, "thinking")] < floor[("b", 1, "0.12")] < floor[("a", 1, "0.12")]  # steering costs FLOPs
     assert [t["checked"] for t in d["targets"]] == [False] * 5
+
+
+@pytest.mark.parametrize("bench", ["decode", "hybrid"])
+def test_a_case_that_loses_the_cuda_context_leaves_the_rest_to_a_fresh_process(bench, tmp_path):
+    """A kernel fault is sticky: nothing after it works in that process. The faulting case is
+    recorded with its traceback and the cases after it run in a fresh process of the same command,
+    their results merged into the same JSON (--fault-case stands in for the fault on the CPU)."""
+    out = tmp_path / "b.json"
+    tiny = dict(decode=["--models", "tiny", "--batches", "1,2", "--new-tokens", "4", "--prompt-len", "4", "--no-hf"],
+                hybrid=["--model", "tiny", "--batches", "1,2", "--base-prompt-len", "6", "--thinking-prompt-len", "7",
+                        "--new-tokens", "6", "--warmup-tokens", "6", "--copy-mib", "16", "--configs", "a",
+                        "--gates", "rate", "--sections", "steerfast,floor"])[bench]
+    r = subprocess.run([sys.executable, "-m", "bench", bench, "--device", "cpu", *tiny, "--fault-case", "0",
+                        "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # a case failed
+    assert "cases 1.. run in a fresh process" in r.stdout
+    d = json.loads(out.read_text())
+    first, *rest = d["results"]
+    assert first["batch"] == 1 and "injected fault" in first["error"] and "Traceback" in first["traceback"]
+    assert [x["batch"] for x in rest] == [2] and "error" not in rest[0]
+    assert (rest[0]["steerfast"]["tokens_per_s"] if bench == "decode" else rest[0]["tokens_per_s"]) > 0
+    if bench == "hybrid":
+        assert [f["batch"] for f in d["floor"]] == [1, 2] and not d["errors"]
 
 
 def test_bench_check_without_a_gpu_says_so_in_one_line():
