@@ -68,27 +68,28 @@ def steps(out_dir: Path) -> list[dict]:
                   "-p", "no:cacheprovider", "-o", "addopts=", "-k", MEMCHECK_TESTS,
                   f"--junitxml={out_dir / 'check-memcheck.xml'}",
                   "tests/test_ops.py", "tests/test_sae_ops.py"]),
+        # each bench in one process (--isolate no): the check already gives each its own, and a worker
+        # process would spend the limit importing torch again
         dict(name="decode", timeout=28, json=out_dir / "check-decode.json",  # 25 s on an H200
-             cmd=[py, "-m", "bench", "decode", "--models", "qwen2.5-1.5b", "--batches", "1,16", "--new-tokens", "64",
-                  "--no-hf", "--out", str(out_dir / "check-decode.json")]),
+             cmd=[py, "-m", "bench", "decode", "--isolate", "no", "--models", "qwen2.5-1.5b", "--batches", "1,16",
+                  "--new-tokens", "64", "--no-hf", "--out", str(out_dir / "check-decode.json")]),
         dict(name="decode-8b", timeout=24, json=out_dir / "check-decode-8b.json",  # 21 s
-             cmd=[py, "-m", "bench", "decode", "--models", "llama-3.1-8b", "--batches", "1", "--new-tokens", "64",
-                  "--no-hf", "--out", str(out_dir / "check-decode-8b.json")]),
-        # one process (--isolate no): seven child processes would spend the limit importing torch
+             cmd=[py, "-m", "bench", "decode", "--isolate", "no", "--models", "llama-3.1-8b", "--batches", "1",
+                  "--new-tokens", "64", "--no-hf", "--out", str(out_dir / "check-decode-8b.json")]),
         dict(name="kernels", timeout=28, json=out_dir / "check-kernels.json",
              cmd=[py, "-m", "bench", "kernels", "--isolate", "no", "--sections", "topk,gemv", "--batches", "1",
                   "--dims", "1536",
                   "--latents", "16384", "--gemv-models", "qwen2.5-1.5b", "--gemv-batches", "1", "--reps", "20",
                   "--out", str(out_dir / "check-kernels.json")]),
         dict(name="hybrid", timeout=48, json=out_dir / "check-hybrid.json",  # a (both gates) took ~25 s; b untimed
-             cmd=[py, "-m", "bench", "hybrid", "--sections", "steerfast,floor", "--batches", "1,16",
+             cmd=[py, "-m", "bench", "hybrid", "--isolate", "no", "--sections", "steerfast,floor", "--batches", "1,16",
                   "--configs", "a,b", "--gates", "rate", "--new-tokens", "32",
                   "--out", str(out_dir / "check-hybrid.json")]),
-        # opt-in settings, last: the budget cuts it first
-        # the baseline in the same process as the variants: the same clocks and compile cache
+        # opt-in settings, last: the budget cuts it first. The baseline in the same process as the
+        # variants: the same clocks and compile cache
         dict(name="decode-ab", timeout=30, json=out_dir / "check-decode-ab.json",  # not yet timed
-             cmd=[py, "-m", "bench", "decode", "--models", "qwen2.5-1.5b", "--batches", "1", "--new-tokens", "32",
-                  "--no-hf", "--variants", "default,pdl,splitk,pdl+splitk",
+             cmd=[py, "-m", "bench", "decode", "--isolate", "no", "--models", "qwen2.5-1.5b", "--batches", "1",
+                  "--new-tokens", "32", "--no-hf", "--variants", "default,pdl,splitk,pdl+splitk",
                   "--out", str(out_dir / "check-decode-ab.json")]),
     ]
 

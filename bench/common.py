@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -52,17 +53,67 @@ def error_record(e: BaseException) -> dict:
     return dict(error=f"{type(e).__name__}: {e}".strip(), traceback=traceback.format_exc(limit=12))
 
 
-# ---------------------------------------------------------------- cases that survive a lost context
+# ---------------------------------------------------------------- cases, each in a state no earlier one can break
+# A bench releases caches and graphs between its cases, but a kernel fault (an illegal address, a
+# device-side assert) is sticky: every later CUDA call in that process fails, and its memory stays
+# held until the process ends. So on CUDA (--isolate auto) the bench process only supervises: the
+# cases run in a worker process, and after a case that lost the context or killed its worker, the
+# rest run in a fresh one (--resume), each worker appending to the same JSON (--merge-from).
 def add_case_arguments(p) -> None:
     import argparse
 
-    p.add_argument("--resume", type=int, default=0, help=argparse.SUPPRESS)  # skip cases before this one
-    p.add_argument("--fault-case", type=int, default=None, help=argparse.SUPPRESS)  # tests: this case faults
+    p.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
+                   help="run the cases in a worker process, and the rest in a fresh one after a case that "
+                        "lost the CUDA context or killed its worker (auto: yes on CUDA)")
+    for flag, kw in (("--case-worker", dict(action="store_true")), ("--resume", dict(type=int, default=0)),
+                     ("--merge-from", dict(default=None)), ("--fault-case", dict(type=int, default=None)),
+                     ("--die-case", dict(type=int, default=None))):
+        p.add_argument(flag, help=argparse.SUPPRESS, **kw)  # the supervisor's, and the tests' (*-case)
+
+
+def supervises(args) -> bool:
+    """Whether this process hands its cases to worker processes (see supervise)."""
+    if args.case_worker or args.isolate == "no":
+        return False
+    return args.isolate == "yes" or torch.device(args.device or default_device()).type == "cuda"
+
+
+def supervise(args) -> int:
+    """Run the bench's cases in workers, a fresh one from the case after each that lost its context
+    (the worker says where: doc["lost_context"]) or died (doc["in_flight_case"]). Never touches CUDA."""
+    out, start = Path(args.out), 0
+    out.unlink(missing_ok=True)  # a stale file must not pass for a worker's
+    while True:
+        cmd = [sys.executable, "-m", "bench", *args.argv, "--case-worker", "--resume", str(start), "--out", str(out)]
+        r = subprocess.run(cmd + (["--merge-from", str(out)] if start else []), cwd=REPO_ROOT)
+        try:
+            doc = json.loads(out.read_text())
+        except (OSError, ValueError):
+            print(f"bench: the worker for cases {start}.. wrote no result (exit {r.returncode})", flush=True)
+            return r.returncode or 1
+        lost = doc.get("lost_context")
+        if r.returncode in (0, 1) and not (lost and "resume_at" in lost):
+            return 1 if doc.get("worker_deaths") else r.returncode
+        if r.returncode in (0, 1):
+            start = lost.pop("resume_at")
+            print(f"\nbench: the CUDA context was lost in case {lost['case']}: cases {start}.. run in a fresh "
+                  "process", flush=True)
+        else:  # died mid-case (a segfault, an abort): that case is recorded as failed, the rest go on
+            k = doc.pop("in_flight_case", None)
+            where = "before its first case" if k is None else f"in case {k}"
+            doc.setdefault("worker_deaths", []).append(
+                dict(case=k, error=f"the worker process died (exit {r.returncode}) {where}"))
+            if k is None:  # it would die there again
+                write_json(out, doc)
+                return 1
+            start = k + 1
+            print(f"\nbench: the worker died in case {k} (exit {r.returncode}): cases {start}.. run in a fresh "
+                  "process", flush=True)
+        write_json(out, doc)
 
 
 def context_lost(device) -> str | None:
-    """After an exception: None if this process can still use `device`, else the error. A kernel
-    fault (an illegal address, a device-side assert) is sticky: every later CUDA call fails with it."""
+    """After an exception: None if this process can still use `device`, else the error."""
     if torch.device(device).type != "cuda":
         return None
     try:
@@ -74,14 +125,25 @@ def context_lost(device) -> str | None:
 
 
 class Cases:
-    """A bench's cases, numbered in the order it runs them. After a case's error that lost the CUDA
-    context, no later case runs here: `rest_in_fresh_process` runs them from the next number in a
-    new process of the same command (`--resume`), so an earlier case cannot break a later one even
-    then. `--fault-case N` makes case N fail as a lost context would (the tests' way to get one)."""
+    """A bench's cases, numbered in the order it runs them; which run in this process (from
+    --resume, until one loses the CUDA context), and the bookkeeping supervise() reads in `doc`.
+    `--fault-case N` makes case N fail as a lost context would, `--die-case N` kills the process in
+    case N (how the tests get them)."""
 
-    def __init__(self, args, device):
-        self.args, self.device = args, device
+    def __init__(self, args, device, doc: dict, save: Callable[[], None], lists=(), dicts=()):
+        self.args, self.device, self.doc, self.save = args, device, doc, save
         self.n, self.lost_at = 0, None
+        if args.merge_from:  # an earlier worker's document: its records first
+            prev = json.loads(Path(args.merge_from).read_text())
+            for k in lists:
+                doc[k] = prev.get(k, []) + doc[k]
+            for k in dicts:
+                doc[k] = {**prev.get(k, {}), **doc[k]}
+            for k in ("worker_deaths", "lost_contexts"):
+                if k in prev:
+                    doc[k] = prev[k]
+            if prev.get("lost_context"):
+                doc.setdefault("lost_contexts", []).append(prev["lost_context"])
 
     def runs_any(self, count: int) -> bool:
         """Whether any of the next `count` cases runs here (so what they share must be built); when
@@ -92,40 +154,39 @@ class Cases:
         return False
 
     def start(self) -> bool:
-        """Count the next case; True if it runs in this process."""
+        """Count the next case; True if it runs in this process (then recorded as in flight)."""
         i, self.n = self.n, self.n + 1
-        return i >= self.args.resume and self.lost_at is None
+        if i < self.args.resume or self.lost_at is not None:
+            return False
+        self.doc["in_flight_case"] = i
+        self.save()
+        return True
 
     def inject(self) -> None:
-        """Inside the case: the --fault-case fault, a lost context's stand-in."""
+        """Inside the case: the --fault-case fault (a lost context's stand-in) or --die-case death."""
+        if self.n - 1 == self.args.die_case:
+            os.kill(os.getpid(), signal.SIGKILL)  # as the kernel ends a crashed process (no core file)
         if self.n - 1 == self.args.fault_case:
             self.lost_at = self.n - 1
             raise RuntimeError(f"injected fault in case {self.n - 1} (--fault-case): the CUDA context is lost")
 
     def failed(self) -> None:
-        """After a case's error: stop here if the context is lost."""
+        """After a case's error: no more cases in this process if it lost the context."""
         if self.lost_at is None and context_lost(self.device) is not None:
             self.lost_at = self.n - 1
 
-    def rest_in_fresh_process(self) -> dict | None:
-        """The JSON of a new process running the cases after the lost one, or None (nothing lost,
-        nothing left, or the process wrote nothing: then its error is the record)."""
-        if self.lost_at is None or self.lost_at + 1 >= self.n:
-            return None
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="bench-resume-") as d:
-            out = Path(d) / "rest.json"
-            argv = list(getattr(self.args, "argv", []))
-            cmd = [sys.executable, "-m", "bench", *argv, "--resume", str(self.lost_at + 1), "--out", str(out)]
-            print(f"\nthe CUDA context is lost (case {self.lost_at}): cases {self.lost_at + 1}.. run in a fresh "
-                  "process", flush=True)
-            r = subprocess.run(cmd, cwd=REPO_ROOT)
-            try:
-                return json.loads(out.read_text())
-            except (OSError, ValueError):
-                return dict(error=f"the fresh process for cases {self.lost_at + 1}.. wrote no result "
-                                  f"(exit {r.returncode})")
+    def finish(self) -> None:
+        """After the last case: where the rest resume (a worker), or that they did not run."""
+        self.doc.pop("in_flight_case", None)
+        if self.lost_at is not None and self.lost_at + 1 < self.n:
+            rest = dict(case=self.lost_at)
+            if self.args.case_worker:
+                rest["resume_at"] = self.lost_at + 1
+            else:
+                rest["error"] = (f"cases {self.lost_at + 1}..{self.n - 1} not run: the CUDA context was lost in case "
+                                 f"{self.lost_at} (--isolate yes runs them in a fresh process)")
+            self.doc["lost_context"] = rest
+        self.save()
 
 
 # ---------------------------------------------------------------- timing

@@ -19,8 +19,9 @@ For each model x batch, on the same random prompts (every row `--prompt-len` tok
               (the timed run's wall time less the callback run's prefill time).
 
 Each case (model x batch x variant) starts from fresh caches and graphs; one that fails is
-recorded with its traceback and the rest still run, in a fresh process when the failure lost the
-CUDA context (a kernel fault is sticky; common.Cases).
+recorded with its traceback and the rest still run. On CUDA (--isolate auto) they run in a worker
+process, and after a case that lost the CUDA context (a kernel fault is sticky) or killed the
+worker, in a fresh one, all into one JSON (common.supervise).
 
 On a GPU, from the repository root:  python -m bench decode   (writes bench/out/decode.json)
 """
@@ -256,6 +257,8 @@ def table_row(r: dict) -> dict:
 
 
 def run(args) -> int:
+    if common.supervises(args):
+        return common.supervise(args)
     import transformers
 
     import steerfast as sf
@@ -294,7 +297,8 @@ def run(args) -> int:
                copy_bandwidth=bw, notes=NOTES, models={}, results=[])
     bar = progress.bar(total=len(models) * len(batches) * len(args.variants), desc="bench decode", unit="case",
                        leave=False)
-    cases = common.Cases(args, device)
+    cases = common.Cases(args, device, doc, lambda: common.write_json(args.out, doc), lists=("results",),
+                         dicts=("models",))
     for name in models:
         if not cases.runs_any(len(batches) * len(args.variants)):
             continue
@@ -307,7 +311,6 @@ def run(args) -> int:
             hf = m = None
             built = common.error_record(e)
             print(f"\n{name}: ERROR building it: {built['error']}", flush=True)
-            cases.failed()
         else:
             built = None
             doc["models"][name] = dict(build_s=time.perf_counter() - t0, model_args=dataclasses.asdict(m.args))
@@ -319,6 +322,7 @@ def run(args) -> int:
                     continue
                 if built is not None:
                     doc["results"].append(dict(model=name, batch=batch, variant=variant, **built))
+                    common.write_json(args.out, doc)
                     continue
                 m.release()  # each case starts from fresh caches and graphs: an earlier one cannot break it
                 common.free_memory(device)
@@ -345,14 +349,12 @@ def run(args) -> int:
                 doc["results"].append(r)
                 common.write_json(args.out, doc)  # after every result: a crash later loses nothing
                 bar.update()
+        if built is not None:
+            cases.failed()  # after the model's last case: a lost context resumes with the next model
         del hf, m
         if cases.lost_at is None:
             common.free_memory(device)
-    rest = cases.rest_in_fresh_process()
-    if rest is not None:
-        doc["models"].update(rest.get("models", {}))
-        doc["results"] += rest.get("results", [dict(model="(the rest)", **rest)])
-        common.write_json(args.out, doc)
+    cases.finish()
 
     bar.close()
     print()

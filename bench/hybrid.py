@@ -54,9 +54,9 @@ Targets (printed ok/MISS on CUDA only, at the synthetic gate): config a >= 50% o
 and >= 40% at 16; config b >= 40% at batches 1 and 16 and >= 20x the paper's loop at context 200.
 
 Robust unattended: every case in its own try/except from fresh caches and graphs, errors recorded
-with their tracebacks in the JSON (written after every result), exit status 1 on any error. A
-failure that lost the CUDA context (a kernel fault is sticky) leaves the later cases to a fresh
-process of the same command, merged into the same JSON (common.Cases).
+with their tracebacks in the JSON (written after every result), exit status 1 on any error. On
+CUDA (--isolate auto) the cases run in a worker process, and after one that lost the CUDA context
+(a kernel fault is sticky) or killed the worker, in a fresh one, all into one JSON (common.supervise).
 
 On a GPU, from the repository root:  python -m bench hybrid   (writes bench/out/hybrid.json)
 """
@@ -376,7 +376,8 @@ def section_steerfast(run: _Sections, base, think) -> None:
 
 
 def section_floor(run: _Sections, base, think, bw: dict, peak: dict) -> None:
-    run.doc["matmul_peak"] = peak
+    if peak is not None:
+        run.doc["matmul_peak"] = peak
     for B in run.s["batches"]:
         if not run.cases.start():
             continue
@@ -459,7 +460,9 @@ def section_paper(run: _Sections, base, think, hf_b, hf_t) -> None:
                         m.release()
                     common.free_memory(run.device)
             run.record(rec, f"steerfast config {cfg_name} context {C}")
-            if run.cases.lost_at is not None:
+            if run.cases.lost_at is not None:  # the case's second half cannot run here
+                run.doc["paper"].append(dict(key, error="not run: the CUDA context was lost in this case's "
+                                                        "steerfast run"))
                 continue
             try:
                 p = dict(key, **bench_paper(hf_b, hf_t, run.ctl, s, cfg, bp, tp, unsteered))
@@ -479,6 +482,8 @@ def section_paper(run: _Sections, base, think, hf_b, hf_t) -> None:
 
 
 def run(args) -> int:
+    if common.supervises(args):
+        return common.supervise(args)
     import transformers
 
     import steerfast as sf
@@ -506,6 +511,7 @@ def run(args) -> int:
         doc["targets"] = check_targets(doc["summary"], doc["contexts"], s, cuda)
         common.write_json(args.out, doc)
 
+    cases = common.Cases(args, device, doc, save, lists=("results", "paper", "floor", "errors"))
     Pb, Pt = s["base_prompt_len"], s["thinking_prompt_len"]
     max_len = max(Pb, Pt, *s["contexts"]) + max(s["new_tokens"], s["naive_new_tokens"], s["paper_new_tokens"],
                                               s["warmup_tokens"], s["context_new_tokens"]) + 8
@@ -541,7 +547,7 @@ def run(args) -> int:
         save()
 
     run = _Sections(doc, s, device, prompts, [s["rate"] if g == "rate" else g for g in s["gates"]], ctl, record, save,
-                    common.Cases(args, device))
+                    cases)
     if "steerfast" in s["sections"]:
         section_steerfast(run, base, think)
     if "floor" in s["sections"]:
@@ -554,14 +560,9 @@ def run(args) -> int:
     if "naive" in s["sections"]:
         section_naive(run, hf_b, hf_t)
     del hf_b, hf_t
-    rest = run.cases.rest_in_fresh_process()
-    if rest is not None:
-        for k in ("results", "paper", "floor", "errors"):
-            doc[k] += rest.get(k, [])
-        if "error" in rest:
-            doc["errors"].append(dict(section="resume", **rest))
-    elif run.cases.lost_at is None:
+    if run.cases.lost_at is None:
         common.free_memory(device)
+    run.cases.finish()
 
     save()
     print()

@@ -250,27 +250,51 @@ def test_bench_hybrid_cpu_smoke(tmp_path):
     assert [t["checked"] for t in d["targets"]] == [False] * 5
 
 
+TINY = dict(decode=["--models", "tiny", "--batches", "1,2", "--new-tokens", "4", "--prompt-len", "4", "--no-hf"],
+            hybrid=["--model", "tiny", "--batches", "1,2", "--base-prompt-len", "6", "--thinking-prompt-len", "7",
+                    "--new-tokens", "6", "--warmup-tokens", "6", "--copy-mib", "16", "--configs", "a", "--gates", "rate",
+                    "--sections", "steerfast,floor"])
+
+
+def _bench(bench, tmp_path, *flags):
+    out = tmp_path / f"{bench}.json"
+    r = subprocess.run([sys.executable, "-m", "bench", bench, "--device", "cpu", *TINY[bench], *flags, "--out", str(out)],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    return r, json.loads(out.read_text())
+
+
+def _tok_s(bench, rec):
+    return rec["steerfast"]["tokens_per_s"] if bench == "decode" else rec["tokens_per_s"]
+
+
 @pytest.mark.parametrize("bench", ["decode", "hybrid"])
-def test_a_case_that_loses_the_cuda_context_leaves_the_rest_to_a_fresh_process(bench, tmp_path):
-    """A kernel fault is sticky: nothing after it works in that process. The faulting case is
-    recorded with its traceback and the cases after it run in a fresh process of the same command,
-    their results merged into the same JSON (--fault-case stands in for the fault on the CPU)."""
-    out = tmp_path / "b.json"
-    tiny = dict(decode=["--models", "tiny", "--batches", "1,2", "--new-tokens", "4", "--prompt-len", "4", "--no-hf"],
-                hybrid=["--model", "tiny", "--batches", "1,2", "--base-prompt-len", "6", "--thinking-prompt-len", "7",
-                        "--new-tokens", "6", "--warmup-tokens", "6", "--copy-mib", "16", "--configs", "a",
-                        "--gates", "rate", "--sections", "steerfast,floor"])[bench]
-    r = subprocess.run([sys.executable, "-m", "bench", bench, "--device", "cpu", *tiny, "--fault-case", "0",
-                        "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+def test_a_case_that_loses_the_cuda_context_or_kills_its_worker_leaves_the_rest_to_a_fresh_one(bench, tmp_path):
+    """A kernel fault is sticky (nothing after it works in that process, which keeps its memory) or
+    kills the process. Under --isolate yes (the default on CUDA) the cases run in a worker: the
+    faulting case is recorded with its traceback, a dead worker's case as a death, and the cases
+    after either run in a fresh worker, all in one JSON (--fault-case / --die-case stand in for the
+    faults on the CPU)."""
+    r, d = _bench(bench, tmp_path, "--isolate", "yes", "--fault-case", "0")
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # a case failed
     assert "cases 1.. run in a fresh process" in r.stdout
-    d = json.loads(out.read_text())
     first, *rest = d["results"]
     assert first["batch"] == 1 and "injected fault" in first["error"] and "Traceback" in first["traceback"]
-    assert [x["batch"] for x in rest] == [2] and "error" not in rest[0]
-    assert (rest[0]["steerfast"]["tokens_per_s"] if bench == "decode" else rest[0]["tokens_per_s"]) > 0
+    assert [x["batch"] for x in rest] == [2] and "error" not in rest[0] and _tok_s(bench, rest[0]) > 0
+    assert [x["case"] for x in d["lost_contexts"]] == [0] and "in_flight_case" not in d and "lost_context" not in d
     if bench == "hybrid":
         assert [f["batch"] for f in d["floor"]] == [1, 2] and not d["errors"]
+
+    r, d = _bench(bench, tmp_path, "--isolate", "yes", "--die-case", "0")
+    assert r.returncode == 1 and "the worker died in case 0" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert [x["case"] for x in d["worker_deaths"]] == [0] and "died" in d["worker_deaths"][0]["error"]
+    assert [x["batch"] for x in d["results"]] == [2] and _tok_s(bench, d["results"][0]) > 0
+
+
+def test_without_isolation_a_lost_context_stops_the_cases_and_says_so(tmp_path):
+    r, d = _bench("decode", tmp_path, "--isolate", "no", "--fault-case", "0")
+    assert r.returncode == 1 and "fresh" not in r.stdout
+    assert [x["batch"] for x in d["results"]] == [1] and "injected fault" in d["results"][0]["error"]
+    assert "cases 1..1 not run" in d["lost_context"]["error"] and "in_flight_case" not in d
 
 
 def test_bench_check_without_a_gpu_says_so_in_one_line():
