@@ -196,7 +196,8 @@ class Hybrid:
         if not (self.fast and self.tokenizers is None and all(w == -1 for w in self.windows)):
             return None
         Bb = batch if self.base.eager else bucket_for(batch)
-        s, _ = self._fast_runner(Bb, 0, list(self.coefs))  # eos_token_id=None: no stop ids
+        coefs = [self.coefs[0]] if self.gate == "controller" else list(self.coefs)  # as generate's grid
+        s, _ = self._fast_runner(Bb, 0, coefs)  # eos_token_id=None: no stop ids
         s.pos_b.fill_(context - 1), s.pos_t.fill_(context - 1), s.step.zero_(), s.done.fill_(True)
         s.done[:batch] = False
         return lambda: fast_step(self.settings, s)
