@@ -8,6 +8,7 @@ when every row has finished (and to see whether steering drove the activations n
 """
 from __future__ import annotations
 
+import gc
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -155,10 +156,11 @@ class Model:
         per_token = 2 * a.n_layers * a.n_kv_heads * a.head_dim * self.dtype.itemsize
         self._release_graphs()  # graphs hold the old cache's addresses
         if self.device.type == "cuda":
-            # the old cache and the released graphs' pools are free for the new cache; the pools'
-            # blocks stay in torch's cache (reserved, not allocated), which the driver counts as used
-            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-            free = torch.cuda.mem_get_info(self.device)[0] + cached + (kv.k.numel() * 2 * kv.k.element_size() if kv else 0)
+            # the released graphs' pools (and other cached blocks) back to the driver, whose free
+            # memory is what a new cache can have, with the old cache's (rare: growth only)
+            gc.collect()
+            torch.cuda.empty_cache()
+            free = torch.cuda.mem_get_info(self.device)[0] + (kv.k.numel() * 2 * kv.k.element_size() if kv else 0)
             budget = int(free * 0.9)  # leave room for activations and graphs
             if rows * seq * per_token > budget:
                 raise InsufficientMemoryError(
