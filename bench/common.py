@@ -79,37 +79,42 @@ def supervises(args) -> bool:
 
 
 def supervise(args) -> int:
-    """Run the bench's cases in workers, a fresh one from the case after each that lost its context
-    (the worker says where: doc["lost_context"]) or died (doc["in_flight_case"]). Never touches CUDA."""
-    out, start = Path(args.out), 0
+    """Run the bench's cases in workers, each from where the last one stopped: the case after one
+    that lost the context (the worker says so: doc["lost_context"]) or the case after the one it
+    died in (doc["in_flight_case"]; between cases, doc["next_case"]). A worker finished only if its
+    document says so (doc["complete"]): a Python error outside the cases exits 1 as a failed case
+    does. Never touches CUDA."""
+    out, start, rc = Path(args.out).resolve(), 0, 0  # workers run in the repository root
     out.unlink(missing_ok=True)  # a stale file must not pass for a worker's
     while True:
         cmd = [sys.executable, "-m", "bench", *args.argv, "--case-worker", "--resume", str(start), "--out", str(out)]
         r = subprocess.run(cmd + (["--merge-from", str(out)] if start else []), cwd=REPO_ROOT)
+        rc = max(rc, int(r.returncode != 0))
         try:
             doc = json.loads(out.read_text())
         except (OSError, ValueError):
             print(f"bench: the worker for cases {start}.. wrote no result (exit {r.returncode})", flush=True)
-            return r.returncode or 1
-        lost = doc.get("lost_context")
-        if r.returncode in (0, 1) and not (lost and "resume_at" in lost):
-            return 1 if doc.get("worker_deaths") else r.returncode
-        if r.returncode in (0, 1):
+            return 1
+        lost, complete = doc.get("lost_context") or {}, doc.pop("complete", False)
+        if "resume_at" in lost:  # whatever its exit code: a torn-down CUDA context may abort at exit
             start = lost.pop("resume_at")
-            print(f"\nbench: the CUDA context was lost in case {lost['case']}: cases {start}.. run in a fresh "
-                  "process", flush=True)
-        else:  # died mid-case (a segfault, an abort): that case is recorded as failed, the rest go on
-            k = doc.pop("in_flight_case", None)
-            where = "before its first case" if k is None else f"in case {k}"
+            why = f"the CUDA context was lost in case {lost['case']}"
+        elif complete:
+            write_json(out, doc)
+            return rc
+        else:  # died (a segfault, an abort) or raised outside a case: the rest go on without that case
+            k, nxt = doc.pop("in_flight_case", None), doc.get("next_case", start)
+            where = f"in case {k}" if k is not None else f"between cases, before case {nxt}"
             doc.setdefault("worker_deaths", []).append(
-                dict(case=k, error=f"the worker process died (exit {r.returncode}) {where}"))
-            if k is None:  # it would die there again
+                dict(case=k, error=f"the worker process ended (exit {r.returncode}) {where} without finishing"))
+            if k is None and nxt <= start:  # no progress: it would end there again
+                doc["worker_deaths"][-1]["error"] += f"; cases {start}.. not run"
                 write_json(out, doc)
                 return 1
-            start = k + 1
-            print(f"\nbench: the worker died in case {k} (exit {r.returncode}): cases {start}.. run in a fresh "
-                  "process", flush=True)
+            start = k + 1 if k is not None else nxt
+            why = f"the worker ended {where}"
         write_json(out, doc)
+        print(f"\nbench: {why}: cases {start}.. run in a fresh process", flush=True)
 
 
 def context_lost(device) -> str | None:
@@ -154,13 +159,20 @@ class Cases:
         return False
 
     def start(self) -> bool:
-        """Count the next case; True if it runs in this process (then recorded as in flight)."""
+        """Count the next case; True if it runs in this process (then recorded as in flight until
+        done())."""
         i, self.n = self.n, self.n + 1
         if i < self.args.resume or self.lost_at is not None:
             return False
         self.doc["in_flight_case"] = i
         self.save()
         return True
+
+    def done(self) -> None:
+        """After a case's records: none in flight, and the next one's number."""
+        self.doc.pop("in_flight_case", None)
+        self.doc["next_case"] = self.n
+        self.save()
 
     def inject(self) -> None:
         """Inside the case: the --fault-case fault (a lost context's stand-in) or --die-case death."""
@@ -178,6 +190,9 @@ class Cases:
     def finish(self) -> None:
         """After the last case: where the rest resume (a worker), or that they did not run."""
         self.doc.pop("in_flight_case", None)
+        self.doc.pop("next_case", None)
+        if self.args.case_worker:
+            self.doc["complete"] = True
         if self.lost_at is not None and self.lost_at + 1 < self.n:
             rest = dict(case=self.lost_at)
             if self.args.case_worker:

@@ -322,7 +322,7 @@ def run(args) -> int:
                     continue
                 if built is not None:
                     doc["results"].append(dict(model=name, batch=batch, variant=variant, **built))
-                    common.write_json(args.out, doc)
+                    cases.done()
                     continue
                 m.release()  # each case starts from fresh caches and graphs: an earlier one cannot break it
                 common.free_memory(device)
@@ -347,7 +347,7 @@ def run(args) -> int:
                     if cases.lost_at is None:
                         m.release()  # graphs captured under this variant's kernels
                 doc["results"].append(r)
-                common.write_json(args.out, doc)  # after every result: a crash later loses nothing
+                cases.done()  # saved: a crash later loses nothing
                 bar.update()
         if built is not None:
             cases.failed()  # after the model's last case: a lost context resumes with the next model

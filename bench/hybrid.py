@@ -372,6 +372,7 @@ def section_steerfast(run: _Sections, base, think) -> None:
                             m.release()
                         common.free_memory(run.device)
                 run.record(rec, f"config {cfg_name} batch {B} gate {gate_name(gate)}")
+                run.cases.done()
     bar.close()
 
 
@@ -387,6 +388,7 @@ def section_floor(run: _Sections, base, think, bw: dict, peak: dict) -> None:
         except Exception as e:  # noqa: BLE001
             run.doc["floor"].append(dict(batch=B, **common.error_record(e)))
             run.cases.failed()
+        run.cases.done()
     run.save()
 
 
@@ -419,6 +421,7 @@ def section_naive(run: _Sections, hf_b, hf_t) -> None:
                 if run.cases.lost_at is None:
                     common.free_memory(run.device)
                 run.record(rec, f"config {cfg_name} batch {B} gate {gate_name(gate)}")
+                run.cases.done()
 
 
 def section_paper(run: _Sections, base, think, hf_b, hf_t) -> None:
@@ -463,6 +466,7 @@ def section_paper(run: _Sections, base, think, hf_b, hf_t) -> None:
             if run.cases.lost_at is not None:  # the case's second half cannot run here
                 run.doc["paper"].append(dict(key, error="not run: the CUDA context was lost in this case's "
                                                         "steerfast run"))
+                run.cases.done()
                 continue
             try:
                 p = dict(key, **bench_paper(hf_b, hf_t, run.ctl, s, cfg, bp, tp, unsteered))
@@ -478,7 +482,7 @@ def section_paper(run: _Sections, base, think, hf_b, hf_t) -> None:
             run.doc["paper"].append(p)
             if run.cases.lost_at is None:
                 common.free_memory(run.device)
-            run.save()
+            run.cases.done()
 
 
 def run(args) -> int:
