@@ -18,13 +18,14 @@ OTHER = {"_topk_sae_encode_kernel", "_topk_sae_merge_kernel", "_sae_controller_k
          "_steer_residual_add_kernel", "_sample_kernel"}
 
 
-def test_kernels_compile_for_sm90_within_shared_memory_decode_ones_with_pdl():
+@pytest.mark.parametrize("model", ["qwen2.5-1.5b", "llama-3.1-8b"])  # two tests: xdist runs them side by side
+def test_kernels_compile_for_sm90_within_shared_memory_decode_ones_with_pdl(model):
     triton = pytest.importorskip("triton")
     if "nvidia" not in getattr(triton.backends, "backends", {}):
         pytest.skip("this Triton build has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).with_name("sm90_compile.py")
-    r = subprocess.run([sys.executable, str(script), "--pdl", "qwen2.5-1.5b", "llama-3.1-8b"], capture_output=True,
+    r = subprocess.run([sys.executable, str(script), "--pdl", model], capture_output=True,
                        text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in r.stdout.splitlines()]
