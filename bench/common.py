@@ -78,16 +78,17 @@ def supervises(args) -> bool:
     return args.isolate == "yes" or torch.device(args.device or default_device()).type == "cuda"
 
 
-def supervise(args) -> int:
+def supervise(args, worker: list[str] | None = None) -> int:
     """Run the bench's cases in workers, each from where the last one stopped: the case after one
     that lost the context (the worker says so: doc["lost_context"]) or the case after the one it
     died in (doc["in_flight_case"]; between cases, doc["next_case"]). A worker finished only if its
     document says so (doc["complete"]): a Python error outside the cases exits 1 as a failed case
-    does. Never touches CUDA."""
+    does. Never touches CUDA. `worker`: the command before its flags (default: this bench's)."""
     out, start, rc = Path(args.out).resolve(), 0, 0  # workers run in the repository root
     out.unlink(missing_ok=True)  # a stale file must not pass for a worker's
     while True:
-        cmd = [sys.executable, "-m", "bench", *args.argv, "--case-worker", "--resume", str(start), "--out", str(out)]
+        cmd = [*(worker or [sys.executable, "-m", "bench", *args.argv]), "--case-worker", "--resume", str(start),
+               "--out", str(out)]
         r = subprocess.run(cmd + (["--merge-from", str(out)] if start else []), cwd=REPO_ROOT)
         rc = max(rc, int(r.returncode != 0))
         try:

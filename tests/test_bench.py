@@ -292,6 +292,47 @@ def test_a_case_that_loses_the_cuda_context_or_kills_its_worker_leaves_the_rest_
     assert [x["batch"] for x in d["results"]] == [2] and _tok_s(bench, d["results"][0]) > 0
 
 
+def test_the_supervisor_resumes_after_every_way_a_worker_can_stop(tmp_path):
+    """Workers scripted to stop each way: a lost context then an abort at exit (resume after the
+    lost case whatever the exit code), an error outside any case (exit 1 as a failed case gives, but
+    no `complete`: resume at the next case), a death in a case (that case recorded), a death with no
+    progress (stop, saying what did not run), and a worker that finishes."""
+    import argparse
+
+    from bench import common
+
+    # each run of the worker: (what it writes besides its records, its exit code), by --resume
+    plan = {0: (dict(lost_context=dict(case=1, resume_at=2), complete=True), 134),
+            2: (dict(next_case=4), 1),
+            4: (dict(in_flight_case=5), -9),
+            6: (dict(complete=True), 1)}
+    worker = tmp_path / "worker.py"
+    worker.write_text(f"""import json, os, sys
+a = sys.argv
+start, out = int(a[a.index("--resume") + 1]), a[a.index("--out") + 1]
+prev = json.load(open(out)) if "--merge-from" in a else dict(results=[])
+doc = dict(results=prev["results"] + [dict(case=start)], **{{k: prev[k] for k in ["worker_deaths"] if k in prev}})
+extra, rc = {plan!r}[start]
+doc.update(extra)
+json.dump(doc, open(out, "w"))
+os._exit(rc % 256) if rc >= 0 else os.kill(os.getpid(), 9)
+""")
+    args = argparse.Namespace(out=str(tmp_path / "o.json"))
+    assert common.supervise(args, [sys.executable, str(worker)]) == 1
+    d = json.loads((tmp_path / "o.json").read_text())
+    assert [r["case"] for r in d["results"]] == [0, 2, 4, 6]
+    assert [w["case"] for w in d["worker_deaths"]] == [None, 5]
+    assert "before case 4" in d["worker_deaths"][0]["error"] and "in case 5" in d["worker_deaths"][1]["error"]
+    assert not {"complete", "in_flight_case", "next_case"} & set(d)
+
+    plan = {0: (dict(next_case=0), 1)}  # no progress: it would stop there again
+    worker.write_text(worker.read_text().split("extra, rc")[0] + f"extra, rc = {plan!r}[start]\n"
+                      "doc.update(extra)\njson.dump(doc, open(out, 'w'))\nsys.exit(rc)\n")
+    assert common.supervise(args, [sys.executable, str(worker)]) == 1
+    d = json.loads((tmp_path / "o.json").read_text())
+    assert "cases 0.. not run" in d["worker_deaths"][0]["error"]
+
+
 def test_without_isolation_a_lost_context_stops_the_cases_and_says_so(tmp_path):
     r, d = _bench("decode", tmp_path, "--isolate", "no", "--fault-case", "0")
     assert r.returncode == 1 and "fresh" not in r.stdout
