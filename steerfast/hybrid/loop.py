@@ -121,6 +121,16 @@ class Hybrid:
         thinking.share_cache(self.graphs)
 
     # ------------------------------------------------------------------ helpers
+    def _grid(self) -> list[tuple[float, int]]:
+        """The (coef, window) candidates of a steered step: the controller gate's one, else all."""
+        if self.gate == "controller":
+            return [(self.coefs[0], self.windows[0])]
+        return [(c, w) for c in self.coefs for w in self.windows]
+
+    def _on_device(self, grid) -> bool:
+        """Whether steps with this grid run whole on the device (step.py) rather than the host loop."""
+        return self.fast and self.tokenizers is None and all(w == -1 for _, w in grid)
+
     def _retokenize(self, tok: int) -> list[int]:
         if self.tokenizers is None:
             return [tok]
@@ -193,11 +203,11 @@ class Hybrid:
         the buffers generate uses, set up and returned uncalled (None for the host loop): calling it
         runs the step eagerly, the kernels a replayed graph launches, for counting (bench count).
         The caches must hold `context` positions (after a generate)."""
-        if not (self.fast and self.tokenizers is None and all(w == -1 for w in self.windows)):
+        grid = self._grid()
+        if not self._on_device(grid):
             return None
         Bb = batch if self.base.eager else bucket_for(batch)
-        coefs = [self.coefs[0]] if self.gate == "controller" else list(self.coefs)  # as generate's grid
-        s, _ = self._fast_runner(Bb, 0, coefs)  # eos_token_id=None: no stop ids
+        s, _ = self._fast_runner(Bb, 0, [c for c, _ in grid])  # eos_token_id=None: no stop ids
         s.pos_b.fill_(context - 1), s.pos_t.fill_(context - 1), s.step.zero_(), s.done.fill_(True)
         s.done[:batch] = False
         return lambda: fast_step(self.settings, s)
@@ -248,11 +258,10 @@ class Hybrid:
         B = len(base_prompts)
         if len(thinking_prompts) != B:
             raise InvalidInputError(f"{B} base prompts but {len(thinking_prompts)} thinking prompts")
-        grid = [(self.coefs[0], self.windows[0])] if self.gate == "controller" \
-            else [(c, w) for c in self.coefs for w in self.windows]
+        grid = self._grid()
         run = _Run(base_prompts, thinking_prompts, max_new_tokens, eos=set(base.stop_ids(eos_token_id, None, 1)[0]),
                    grid=grid, Lb=[len(p) for p in base_prompts], Lt=[len(p) for p in thinking_prompts],
-                   fast=self.fast and self.tokenizers is None and all(w == -1 for _, w in grid) and max_new_tokens > 1)
+                   fast=self._on_device(grid) and max_new_tokens > 1)
         Bb = B if base.eager else bucket_for(B)
         # cache rows: the batch (bucket), then scratch rows for candidates
         rows = Bb * (1 + len(grid)) if run.fast else max(Bb, B + min(self.scratch_rows, B * len(grid)))
