@@ -104,7 +104,7 @@ def supervise(args, worker: list[str] | None = None) -> int:
             write_json(out, doc)
             return rc
         else:  # died (a segfault, an abort) or raised outside a case: the rest go on without that case
-            k, nxt = doc.pop("in_flight_case", None), doc.get("next_case", start)
+            k, nxt = doc.pop("in_flight_case", None), doc.pop("next_case", start)
             where = f"in case {k}" if k is not None else f"between cases, before case {nxt}"
             doc.setdefault("worker_deaths", []).append(
                 dict(case=k, error=f"the worker process ended (exit {r.returncode}) {where} without finishing"))
