@@ -114,6 +114,9 @@ def supervise(args, worker: list[str] | None = None) -> int:
                 return 1
             start = k + 1 if k is not None else nxt
             why = f"the worker ended {where}"
+            if start >= doc.get("cases_total", start + 1):  # that was the last case
+                write_json(out, doc)
+                return 1
         write_json(out, doc)
         print(f"\nbench: {why}: cases {start}.. run in a fresh process", flush=True)
 
@@ -136,9 +139,10 @@ class Cases:
     `--fault-case N` makes case N fail as a lost context would, `--die-case N` kills the process in
     case N (how the tests get them)."""
 
-    def __init__(self, args, device, doc: dict, save: Callable[[], None], lists=(), dicts=()):
-        self.args, self.device, self.doc, self.save = args, device, doc, save
+    def __init__(self, args, device, doc: dict, save: Callable[[], None], total: int, lists=(), dicts=()):
+        self.args, self.device, self.doc, self.save, self.total = args, device, doc, save, total
         self.n, self.lost_at = 0, None
+        doc["cases_total"] = total  # the supervisor starts no worker with nothing left to run
         if args.merge_from:  # an earlier worker's document: its records first
             prev = json.loads(Path(args.merge_from).read_text())
             for k in lists:
@@ -190,6 +194,7 @@ class Cases:
 
     def finish(self) -> None:
         """After the last case: where the rest resume (a worker), or that they did not run."""
+        assert self.n == self.total, f"{self.n} cases counted, {self.total} announced"
         self.doc.pop("in_flight_case", None)
         self.doc.pop("next_case", None)
         if self.args.case_worker:

@@ -297,8 +297,8 @@ def run(args) -> int:
                copy_bandwidth=bw, notes=NOTES, models={}, results=[])
     bar = progress.bar(total=len(models) * len(batches) * len(args.variants), desc="bench decode", unit="case",
                        leave=False)
-    cases = common.Cases(args, device, doc, lambda: common.write_json(args.out, doc), lists=("results",),
-                         dicts=("models",))
+    cases = common.Cases(args, device, doc, lambda: common.write_json(args.out, doc),
+                         len(models) * len(batches) * len(args.variants), lists=("results",), dicts=("models",))
     for name in models:
         if not cases.runs_any(len(batches) * len(args.variants)):
             continue

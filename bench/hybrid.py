@@ -515,7 +515,10 @@ def run(args) -> int:
         doc["targets"] = check_targets(doc["summary"], doc["contexts"], s, cuda)
         common.write_json(args.out, doc)
 
-    cases = common.Cases(args, device, doc, save, lists=("results", "paper", "floor", "errors"))
+    sec, grid = s["sections"], len(s["configs"]) * len(s["batches"]) * len(s["gates"])
+    total = grid * (("steerfast" in sec) + ("naive" in sec)) + len(s["batches"]) * ("floor" in sec) \
+        + len(s["contexts"]) * len(s["configs"]) * ("paper" in sec)  # the sections' cases, as they count them
+    cases = common.Cases(args, device, doc, save, total, lists=("results", "paper", "floor", "errors"))
     Pb, Pt = s["base_prompt_len"], s["thinking_prompt_len"]
     max_len = max(Pb, Pt, *s["contexts"]) + max(s["new_tokens"], s["naive_new_tokens"], s["paper_new_tokens"],
                                               s["warmup_tokens"], s["context_new_tokens"]) + 8

@@ -332,6 +332,13 @@ os._exit(rc % 256) if rc >= 0 else os.kill(os.getpid(), 9)
     d = json.loads((tmp_path / "o.json").read_text())
     assert "cases 0.. not run" in d["worker_deaths"][0]["error"]
 
+    plan = {0: (dict(in_flight_case=1, cases_total=2), 1)}  # it died in the last case: no worker after it
+    worker.write_text(worker.read_text().split("extra, rc")[0] + f"extra, rc = {plan!r}[start]\n"
+                      "doc.update(extra)\njson.dump(doc, open(out, 'w'))\nsys.exit(rc)\n")
+    assert common.supervise(args, [sys.executable, str(worker)]) == 1
+    d = json.loads((tmp_path / "o.json").read_text())
+    assert [r["case"] for r in d["results"]] == [0] and [w["case"] for w in d["worker_deaths"]] == [1]
+
 
 def test_without_isolation_a_lost_context_stops_the_cases_and_says_so(tmp_path):
     r, d = _bench("decode", tmp_path, "--isolate", "no", "--fault-case", "0")
