@@ -187,6 +187,14 @@ class Cases:
             self.lost_at = self.n - 1
             raise RuntimeError(f"injected fault in case {self.n - 1} (--fault-case): the CUDA context is lost")
 
+    def fresh(self, *models) -> None:
+        """Between cases: the models' caches and graphs released, device memory freed (nothing to
+        free once the context is lost: its memory goes with the process)."""
+        if self.lost_at is None:
+            for m in models:
+                m.release()
+            free_memory(self.device)
+
     def failed(self) -> None:
         """After a case's error: no more cases in this process if it lost the context."""
         if self.lost_at is None and context_lost(self.device) is not None:

@@ -324,8 +324,7 @@ def run(args) -> int:
                     doc["results"].append(dict(model=name, batch=batch, variant=variant, **built))
                     cases.done()
                     continue
-                m.release()  # each case starts from fresh caches and graphs: an earlier one cannot break it
-                common.free_memory(device)
+                cases.fresh(m)  # each case from fresh caches and graphs: an earlier one cannot break it
                 saved = {k: os.environ.get(k) for k in ("STEERFAST_PDL", "STEERFAST_SPLIT_K")}
                 os.environ.update(VARIANTS[variant])
                 try:
@@ -344,16 +343,14 @@ def run(args) -> int:
                 finally:
                     for k, v in saved.items():
                         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-                    if cases.lost_at is None:
-                        m.release()  # graphs captured under this variant's kernels
+                    cases.fresh(m)  # graphs captured under this variant's kernels
                 doc["results"].append(r)
                 cases.done()  # saved: a crash later loses nothing
                 bar.update()
         if built is not None:
             cases.failed()  # after the model's last case: a lost context resumes with the next model
         del hf, m
-        if cases.lost_at is None:
-            common.free_memory(device)
+        cases.fresh()
     cases.finish()
 
     bar.close()

@@ -367,10 +367,7 @@ def section_steerfast(run: _Sections, base, think) -> None:
                     run.cases.failed()
                 finally:  # each case starts from fresh caches and graphs: an earlier one cannot break it
                     h = None
-                    if run.cases.lost_at is None:
-                        for m in (base, think):
-                            m.release()
-                        common.free_memory(run.device)
+                    run.cases.fresh(base, think)
                 run.record(rec, f"config {cfg_name} batch {B} gate {gate_name(gate)}")
                 run.cases.done()
     bar.close()
@@ -418,8 +415,7 @@ def section_naive(run: _Sections, hf_b, hf_t) -> None:
                 except Exception as e:  # noqa: BLE001
                     rec = dict(key, **common.error_record(e))
                     run.cases.failed()
-                if run.cases.lost_at is None:
-                    common.free_memory(run.device)
+                run.cases.fresh()
                 run.record(rec, f"config {cfg_name} batch {B} gate {gate_name(gate)}")
                 run.cases.done()
 
@@ -458,10 +454,7 @@ def section_paper(run: _Sections, base, think, hf_b, hf_t) -> None:
                 run.cases.failed()
             finally:
                 h = None
-                if run.cases.lost_at is None:
-                    for m in (base, think):
-                        m.release()
-                    common.free_memory(run.device)
+                run.cases.fresh(base, think)
             run.record(rec, f"steerfast config {cfg_name} context {C}")
             if run.cases.lost_at is not None:  # the case's second half cannot run here
                 run.doc["paper"].append(dict(key, error="not run: the CUDA context was lost in this case's "
@@ -480,8 +473,7 @@ def section_paper(run: _Sections, base, think, hf_b, hf_t) -> None:
                 print(f"  paper config {cfg_name} context {C}: ERROR {p['error']}", flush=True)
                 run.cases.failed()
             run.doc["paper"].append(p)
-            if run.cases.lost_at is None:
-                common.free_memory(run.device)
+            run.cases.fresh()
             run.cases.done()
 
 
@@ -562,13 +554,11 @@ def run(args) -> int:
     if "paper" in s["sections"]:
         section_paper(run, base, think, hf_b, hf_t)
     del base, think
-    if run.cases.lost_at is None:
-        common.free_memory(device)
+    run.cases.fresh()
     if "naive" in s["sections"]:
         section_naive(run, hf_b, hf_t)
     del hf_b, hf_t
-    if run.cases.lost_at is None:
-        common.free_memory(device)
+    run.cases.fresh()
     run.cases.finish()
 
     save()
