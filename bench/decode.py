@@ -343,7 +343,6 @@ def run(args) -> int:
                 finally:
                     for k, v in saved.items():
                         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-                    cases.fresh(m)  # graphs captured under this variant's kernels
                 doc["results"].append(r)
                 cases.done()  # saved: a crash later loses nothing
                 bar.update()
